@@ -1,0 +1,357 @@
+"""Gradient clipping: place these *before* the optimizer in ``optax.chain``.
+
+Every transform here is stateless (``optax.EmptyState``) and rescales, never
+drops, a gradient. The scale is computed once, as a scalar (or one scalar per
+unit), in ``float32`` or wider, and applied with a single multiply per
+element, which XLA fuses into whatever consumes the clipped gradient. If the
+norm a transform uses is NaN or infinite, every element it scales becomes NaN:
+a broken step is never turned into zeros or into a plausible-looking update,
+so :func:`optax.apply_if_finite` can still skip it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from norm_optax import _common
+from norm_optax.norms import (
+    Ord,
+    canonical_axes,
+    canonical_ord,
+    global_norm,
+    is_inexact,
+    norm_of_leaves,
+)
+
+__all__ = [
+    "adaptive_clip",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_by_value",
+    "normalize_by_global_norm",
+]
+
+
+def clip_scale(norm: jax.Array, max_norm: Any) -> jax.Array:
+    """``min(1, max_norm / norm)`` in ``norm``'s dtype, NaN if it is not usable.
+
+    NaN when ``norm`` is NaN or infinite, or when a traced ``max_norm`` is NaN
+    or negative (a negative threshold would flip the gradient's sign).
+    """
+    max_norm = jnp.asarray(max_norm).astype(norm.dtype)
+    over = norm > max_norm
+    # Divide by a safe value so the unselected branch has a finite gradient.
+    scale = jnp.where(over, max_norm / jnp.where(over, norm, 1), 1)
+    usable = jnp.isfinite(norm) & (max_norm >= 0)  # False for a NaN max_norm
+    return jnp.where(usable, scale, jnp.nan)
+
+
+def clip_by_value(max_delta: Any) -> optax.GradientTransformation:
+    r"""Truncates each element of the updates to ``[-max_delta, max_delta]``.
+
+    .. math:: g_i \leftarrow \min(\max(g_i, -\delta), \delta)
+
+    Elementwise truncation bounds every coordinate but changes the direction
+    of the update; prefer :func:`clip_by_global_norm` when the direction
+    matters. Complex leaves have their real and imaginary parts truncated
+    separately. NaN stays NaN. The bound is applied in each leaf's dtype
+    (``max_delta`` is rounded to it once).
+
+    Place it before the optimizer:
+    ``optax.chain(nox.clip_by_value(1.0), optax.sgd(1e-2))``.
+
+    Args:
+      max_delta: the bound, ``>= 0``.
+
+    Returns:
+      A stateless :class:`optax.GradientTransformation`.
+
+    Raises:
+      ValueError: ``max_delta`` is negative or NaN.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import norm_optax as nox
+      >>> tx = nox.clip_by_value(1.0)
+      >>> updates, _ = tx.update({"w": jnp.array([-3.0, 0.5, 2.0])}, tx.init(None))
+      >>> updates["w"]
+      Array([-1. ,  0.5,  1. ], dtype=float32)
+
+    References:
+      Mikolov, `Statistical Language Models Based on Neural Networks
+      <https://www.fit.vut.cz/study/phd-thesis-file/283/283.pdf>`_, 2012
+    """
+    _common.check_nonnegative(max_delta, "max_delta")
+
+    def clip(x: jax.Array) -> jax.Array:
+        if jnp.iscomplexobj(x):
+            return jax.lax.complex(clip(x.real), clip(x.imag))
+        bound = jnp.asarray(max_delta).astype(x.dtype)
+        return jnp.clip(x, -bound, bound)
+
+    def update_fn(
+        updates: optax.Updates, state: optax.EmptyState, params: Any = None
+    ) -> tuple[optax.Updates, optax.EmptyState]:
+        del params
+        return _common.map_inexact(clip, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def clip_by_norm(max_norm: Any, ord: Ord = 2) -> optax.GradientTransformation:
+    r"""Scales each leaf so that its own ``ord``-norm is at most ``max_norm``.
+
+    .. math:: g_\ell \leftarrow g_\ell \cdot \min\!\left(1,
+       \frac{\tau}{\|g_\ell\|_p}\right)
+
+    Each leaf (each parameter tensor) is clipped on its own, so the relative
+    size of leaves changes; :func:`clip_by_global_norm` keeps it.
+
+    Place it before the optimizer:
+    ``optax.chain(nox.clip_by_norm(1.0), optax.adam(1e-3))``.
+
+    Args:
+      max_norm: the largest norm a leaf may have, ``>= 0``.
+      ord: ``1``, ``2`` or ``inf`` (``"inf"``).
+
+    Returns:
+      A stateless :class:`optax.GradientTransformation`.
+
+    Raises:
+      ValueError: ``max_norm`` is negative or NaN, or ``ord`` is unknown.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import norm_optax as nox
+      >>> tx = nox.clip_by_norm(1.0)
+      >>> g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.5])}
+      >>> updates, _ = tx.update(g, tx.init(None))
+      >>> updates["a"], updates["b"]
+      (Array([0.6, 0.8], dtype=float32), Array([0.5], dtype=float32))
+
+    References:
+      Pascanu et al., `On the difficulty of training Recurrent Neural Networks
+      <https://arxiv.org/abs/1211.5063>`_, 2013
+    """
+    _common.check_nonnegative(max_norm, "max_norm")
+    ord = canonical_ord(ord)
+
+    def clip(x: jax.Array) -> jax.Array:
+        return _common.scale_leaf(x, clip_scale(norm_of_leaves((x,), ord), max_norm))
+
+    def update_fn(
+        updates: optax.Updates, state: optax.EmptyState, params: Any = None
+    ) -> tuple[optax.Updates, optax.EmptyState]:
+        del params
+        return _common.map_inexact(clip, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def clip_by_global_norm(
+    max_norm: Any, ord: Ord = 2, axis_name: Any = None
+) -> optax.GradientTransformation:
+    r"""Scales the whole update tree so that its global norm is at most ``max_norm``.
+
+    .. math:: g \leftarrow g \cdot \min\!\left(1, \frac{\tau}{\|g\|_p}\right),
+       \qquad \|g\|_p \text{ over all leaves as one vector}
+
+    The direction of the update is kept. The norm is accumulated in
+    ``float32`` or wider (half-precision gradients do not overflow), and the
+    scale is applied as one multiply per element, which XLA fuses into the
+    optimizer that consumes the clipped gradients. A NaN or infinite norm
+    makes every element NaN. Under GSPMD sharding the norm costs one
+    all-reduce of a scalar; inside ``shard_map``/``pmap`` pass ``axis_name``
+    so that every device uses the norm of the whole gradient.
+
+    Place it first, before the optimizer:
+    ``optax.chain(nox.clip_by_global_norm(1.0), optax.adamw(3e-4))``.
+
+    Args:
+      max_norm: the largest global norm, ``>= 0``.
+      ord: ``1``, ``2`` or ``inf`` (``"inf"``).
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) over
+        which the gradient is split; ``None`` otherwise.
+
+    Returns:
+      A stateless :class:`optax.GradientTransformation`.
+
+    Raises:
+      ValueError: ``max_norm`` is negative or NaN, or ``ord`` is unknown.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import norm_optax as nox
+      >>> tx = nox.clip_by_global_norm(1.0)
+      >>> g = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])}
+      >>> updates, _ = tx.update(g, tx.init(None))
+      >>> updates["a"], updates["b"]
+      (Array([0.6, 0. ], dtype=float32), Array([0.8], dtype=float32))
+
+    References:
+      Pascanu et al., `On the difficulty of training Recurrent Neural Networks
+      <https://arxiv.org/abs/1211.5063>`_, 2013
+    """
+    _common.check_nonnegative(max_norm, "max_norm")
+    ord = canonical_ord(ord)
+
+    def update_fn(
+        updates: optax.Updates, state: optax.EmptyState, params: Any = None
+    ) -> tuple[optax.Updates, optax.EmptyState]:
+        del params
+        scale = clip_scale(global_norm(updates, ord, axis_name=axis_name), max_norm)
+        return _common.map_inexact(lambda x: _common.scale_leaf(x, scale), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def normalize_by_global_norm(
+    norm: Any = 1.0, axis_name: Any = None
+) -> optax.GradientTransformation:
+    r"""Scales the whole update tree to a global L2 norm of exactly ``norm``.
+
+    .. math:: g \leftarrow g \cdot \frac{\nu}{\|g\|_2}, \qquad 0 \mapsto 0
+
+    Gradient normalisation keeps only the direction of the gradient; the step
+    size is then set by the learning rate alone. A zero gradient stays zero
+    (its scale is 1, and the gradient through it is finite). A NaN or
+    infinite norm makes every element NaN.
+
+    Place it before the optimizer (typically SGD):
+    ``optax.chain(nox.normalize_by_global_norm(), optax.sgd(1e-2))``.
+
+    Args:
+      norm: the target global norm, ``>= 0``.
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) over
+        which the gradient is split; ``None`` otherwise.
+
+    Returns:
+      A stateless :class:`optax.GradientTransformation`.
+
+    Raises:
+      ValueError: ``norm`` is negative or NaN.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import norm_optax as nox
+      >>> tx = nox.normalize_by_global_norm(10.0)
+      >>> updates, _ = tx.update({"w": jnp.array([0.3, 0.4])}, tx.init(None))
+      >>> updates["w"]
+      Array([6., 8.], dtype=float32)
+
+    References:
+      Hazan et al., `Beyond Convexity: Stochastic Quasi-Convex Optimization
+      <https://arxiv.org/abs/1507.02030>`_, 2015
+    """
+    _common.check_nonnegative(norm, "norm")
+    target = norm
+
+    def update_fn(
+        updates: optax.Updates, state: optax.EmptyState, params: Any = None
+    ) -> tuple[optax.Updates, optax.EmptyState]:
+        del params
+        g_norm = global_norm(updates, axis_name=axis_name)
+        wanted = jnp.asarray(target).astype(g_norm.dtype)
+        positive = g_norm > 0
+        scale = jnp.where(positive, wanted / jnp.where(positive, g_norm, 1), 1)
+        usable = jnp.isfinite(g_norm) & (wanted >= 0)
+        scale = jnp.where(usable, scale, jnp.nan)
+        return _common.map_inexact(lambda x: _common.scale_leaf(x, scale), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def adaptive_clip(
+    clipping: Any,
+    eps: Any = 1e-3,
+    axis: int | tuple[int, ...] | None = None,
+    mask: _common.Mask = None,
+) -> optax.GradientTransformation:
+    r"""Adaptive gradient clipping (AGC): clips each unit relative to its weights.
+
+    For every unit :math:`u` (see :func:`norm_optax.unit_norms`),
+
+    .. math:: g_u \leftarrow g_u \cdot \min\!\left(1,
+       \frac{\lambda \max(\|p_u\|_2, \epsilon)}{\|g_u\|_2}\right)
+
+    so a unit's gradient is never larger than ``clipping`` times its weights
+    (``eps`` keeps zero-initialised units, such as biases, trainable). Units
+    follow the Flax kernel convention unless ``axis`` names the axes to reduce
+    over: one unit per output feature (all axes but the last), the whole
+    array for scalars and vectors. This matches
+    :func:`optax.adaptive_grad_clip`. A NaN or infinite norm makes the unit's
+    elements NaN.
+
+    Place it before the optimizer, with the params passed to ``update``:
+    ``optax.chain(nox.adaptive_clip(0.01), optax.sgd(0.1, momentum=0.9))``.
+    Brock et al. leave the final classifier layer unclipped: use ``mask``.
+
+    Args:
+      clipping: :math:`\lambda`, the largest ratio of gradient to weight norm
+        per unit, ``>= 0``.
+      eps: :math:`\epsilon`, the smallest weight norm used, ``>= 0``.
+      axis: axes to reduce over for every leaf, or ``None`` (Flax convention).
+        Under :func:`optax.inject_hyperparams` pass it in ``static_args``.
+      mask: a tree of bools matching the params (or a prefix of it), or a
+        callable ``params -> tree``; leaves marked ``False`` pass unchanged.
+        Under :func:`optax.inject_hyperparams` a callable mask must be listed
+        in ``static_args``.
+
+    Returns:
+      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+
+    Raises:
+      ValueError: ``clipping`` or ``eps`` is negative or NaN (at
+        construction); ``params`` is missing, ``params`` or ``mask`` does not
+        match the updates, or ``axis`` is out of range for a leaf (at update).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import norm_optax as nox
+      >>> tx = nox.adaptive_clip(0.1)
+      >>> params = {"w": jnp.array([[3.0], [4.0]])}  # one unit of norm 5
+      >>> grads = {"w": jnp.array([[6.0], [8.0]])}  # norm 10 > 0.1 * 5
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> updates["w"].ravel()
+      Array([0.3, 0.4], dtype=float32)
+
+    References:
+      Brock et al., `High-Performance Large-Scale Image Recognition Without
+      Normalization <https://arxiv.org/abs/2102.06171>`_, 2021
+    """
+    _common.check_nonnegative(clipping, "clipping")
+    _common.check_nonnegative(eps, "eps")
+
+    def clip(path: str, g: jax.Array, p: Any) -> jax.Array:
+        if not is_inexact(p):
+            return g
+        p = jnp.asarray(p)
+        if p.shape != g.shape:
+            raise ValueError(
+                f"adaptive_clip: params at {path} have shape {p.shape}, "
+                f"the updates {g.shape}."
+            )
+        axes = canonical_axes(axis, g.shape, where=path)
+        g_norm = norm_of_leaves((g,), 2, axes)
+        p_norm = norm_of_leaves((p,), 2, axes).astype(g_norm.dtype)
+        floor = jnp.asarray(eps).astype(g_norm.dtype)
+        ratio = jnp.asarray(clipping).astype(g_norm.dtype)
+        scale = clip_scale(g_norm, ratio * jnp.maximum(p_norm, floor))
+        # A NaN weight norm, or a traced negative eps, must not pass silently.
+        scale = jnp.where(jnp.isnan(p_norm) | (floor < 0), jnp.nan, scale)
+        return _common.scale_leaf(g, scale)
+
+    def update_fn(
+        updates: optax.Updates, state: optax.EmptyState, params: Any = None
+    ) -> tuple[optax.Updates, optax.EmptyState]:
+        _common.check_params(params, "adaptive_clip")
+        _common.check_same_structure(updates, params, "params")
+        masks = None if mask is None else _common.resolve_mask(mask, updates, params)
+        clipped = _common.map_inexact(clip, updates, params, mask=masks, with_path=True)
+        return clipped, state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)

@@ -1,0 +1,175 @@
+"""Small helpers every transform shares: argument checks, params and masks.
+
+Nothing here is public. The rules (API.md section 3):
+
+* concrete bad hyper-parameters raise at construction, naming the argument
+  and the value; traced ones (under ``optax.inject_hyperparams``) cannot be
+  checked and are the caller's responsibility;
+* a missing ``params`` raises one shared message;
+* a ``params``/``mask`` tree that does not match ``updates`` raises naming
+  both structures;
+* leaves that are not inexact arrays (``None``, :class:`optax.MaskedNode`,
+  integer, bool, ``float0``) pass through every transform unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from norm_optax.norms import accumulation_dtype, is_inexact
+
+__all__ = [
+    "Mask",
+    "check_nonnegative",
+    "check_params",
+    "check_range",
+    "check_same_structure",
+    "concrete_value",
+    "map_inexact",
+    "path_str",
+    "resolve_mask",
+    "scale_leaf",
+]
+
+Mask = Any  # a pytree of bools (or a prefix of params), or params -> that tree.
+
+
+def concrete_value(value: Any, name: str) -> float | None:
+    """The float value of a concrete scalar, or ``None`` if it is traced.
+
+    Raises:
+      TypeError: ``value`` is not a real number or a scalar array.
+    """
+    if isinstance(value, jax.core.Tracer):
+        return None
+    if isinstance(value, (bool, str)) or value is None:
+        raise TypeError(f"{name} must be a real number, got {value!r}.")
+    try:
+        array = np.asarray(value)
+    except Exception as error:
+        raise TypeError(f"{name} must be a real number, got {value!r}.") from error
+    if array.ndim != 0 or not (
+        np.issubdtype(array.dtype, np.floating)
+        or np.issubdtype(array.dtype, np.integer)
+    ):
+        raise TypeError(f"{name} must be a real scalar, got {value!r}.")
+    return float(array)
+
+
+def check_nonnegative(value: Any, name: str) -> None:
+    """Raises ``ValueError`` if a concrete ``value`` is negative or NaN."""
+    number = concrete_value(value, name)
+    if number is not None and (math.isnan(number) or number < 0):
+        raise ValueError(f"{name} must be >= 0 and not NaN, got {value!r}.")
+
+
+def check_range(value: Any, name: str, low: float, high: float) -> None:
+    """Raises ``ValueError`` unless a concrete ``value`` is in ``[low, high]``."""
+    number = concrete_value(value, name)
+    if number is not None and not low <= number <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}.")
+
+
+def check_params(params: Any, transform: str) -> None:
+    """The one message for a transform that needs ``params`` and got none."""
+    if params is None:
+        raise ValueError(
+            f"{transform} needs the current parameters: call "
+            f"`update(updates, state, params)`. In optax.chain the params are "
+            f"passed on to every transform; with flax.nnx.Optimizer they are "
+            f"passed for you."
+        )
+
+
+def check_same_structure(updates: Any, other: Any, other_name: str) -> None:
+    """Raises ``ValueError`` naming both structures if they differ."""
+    expected = jax.tree.structure(updates)
+    got = jax.tree.structure(other)
+    if expected != got:
+        raise ValueError(
+            f"The structure of {other_name} does not match the updates.\n"
+            f"  updates: {expected}\n  {other_name}: {got}"
+        )
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+    """A key path as ``a/b/0/kernel`` (without NNX's trailing ``value``)."""
+    keys = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                keys.append(str(getattr(entry, attr)))
+                break
+        else:
+            keys.append(str(entry))
+    if keys and keys[-1] == "value":
+        keys.pop()
+    return "/".join(keys)
+
+
+def resolve_mask(mask: Mask, updates: Any, params: Any) -> Any:
+    """``mask`` as a tree of bools with exactly the structure of ``updates``.
+
+    A callable mask is called on ``params``. A mask may be a *prefix* of the
+    updates tree (as in :func:`optax.masked`): a bool at an inner node applies
+    to the whole subtree below it.
+    """
+    if callable(mask):
+        mask = mask(params)
+    try:
+        return jax.tree.map(
+            lambda m, sub: jax.tree.map(lambda _: bool(m), sub),
+            mask,
+            updates,
+            is_leaf=lambda x: x is None,
+        )
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            "The structure of mask does not match the updates (a mask is a "
+            "tree of bools with the structure of params, or a prefix of it).\n"
+            f"  updates: {jax.tree.structure(updates)}\n"
+            f"  mask: {jax.tree.structure(mask)}"
+        ) from error
+
+
+def map_inexact(
+    fn: Callable[..., jax.Array],
+    updates: Any,
+    *rest: Any,
+    mask: Any = None,
+    with_path: bool = False,
+) -> Any:
+    """Applies ``fn(u, *r)`` to each inexact leaf of ``updates``.
+
+    Other leaves pass through unchanged, as do leaves whose ``mask`` entry is
+    ``False``. With ``with_path=True`` ``fn`` also gets the leaf's path string
+    as its first argument (for error messages).
+    """
+    masks = mask if mask is not None else jax.tree.map(lambda _: True, updates)
+
+    def apply(path: tuple[Any, ...], u: Any, m: bool, *r: Any) -> Any:
+        if not m or not is_inexact(u):
+            return u
+        if with_path:
+            return fn(path_str(path), u, *r)
+        return fn(u, *r)
+
+    return jax.tree_util.tree_map_with_path(apply, updates, masks, *rest)
+
+
+def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x * scale`` in the wider of ``x``'s dtype and float32, cast back once.
+
+    ``scale`` is a real scalar or an array broadcastable to ``x``.
+    """
+    acc = accumulation_dtype(x.dtype)
+    scale = jnp.asarray(scale).astype(acc)
+    if jnp.finfo(x.dtype).bits < 32:  # half precision: scale in float32
+        return (x.astype(acc) * scale).astype(x.dtype)
+    return x * scale.astype(x.dtype)
