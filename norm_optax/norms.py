@@ -150,9 +150,16 @@ def _real_inner(a: jax.Array, b: jax.Array) -> jax.Array:
     return a.astype(acc) * b.astype(acc)
 
 
+def _widen(x: jax.Array) -> jax.Array:
+    """``x`` in its accumulation precision (complex stays complex)."""
+    if jnp.iscomplexobj(x):
+        return x
+    return x.astype(accumulation_dtype(x.dtype))
+
+
 def _unit_phase(x: jax.Array) -> jax.Array:
-    """``x / |x|`` (``sign`` for reals), ``0`` at ``0``."""
-    return jnp.sign(x)
+    """``x / |x|`` (``sign`` for reals), ``0`` at ``0``, in accumulation precision."""
+    return jnp.sign(_widen(x))
 
 
 # ---------------------------------------------------------------------------
@@ -207,31 +214,35 @@ def _pnorm_jvp(
         _reduce, axes=axes, axis_name=axis_name, kind="sum", dtype=dtype
     )
     ok = jnp.isfinite(norm) & (norm > 0)
-    if ord == 2:
-        # d||x|| = <x, dx> / ||x||; 0 at the zero vector and where not finite.
-        inner = total([_real_inner(x, dx) for x, dx in zip(leaves, dleaves)])
-        tangent = inner / jnp.where(ok, norm, 1)
-    elif ord == 1:
-        # d||x||_1 = <sign(x), dx>.
-        tangent = total(
-            [_real_inner(_unit_phase(x), dx) for x, dx in zip(leaves, dleaves)]
-        )
-    else:
-        # Subgradient of max |x_i|: the mean of sign(x_i) dx_i over the maxima.
-        def at_max(x: jax.Array) -> jax.Array:
-            return (_abs(x) == norm.astype(accumulation_dtype(x.dtype))) & (
-                x != 0
-            )
+    # The tangent is <c(x), dx> for a coefficient c per element. Masking c
+    # (rather than the tangent) keeps the transpose free of 0 * inf.
+    if ord == 2:  # d||x|| = <x / ||x||, dx>
+        safe_norm = jnp.where(ok, norm, 1)
 
-        inner = total(
-            [
-                jnp.where(at_max(x), _real_inner(_unit_phase(x), dx), 0)
-                for x, dx in zip(leaves, dleaves)
-            ]
-        )
-        count = total([at_max(x).astype(dtype) for x in leaves])
-        tangent = inner / jnp.maximum(count, 1)
-    return norm, jnp.where(ok, tangent, 0).astype(dtype)
+        def coefficient(x: jax.Array) -> jax.Array:
+            wide = _widen(x)
+            return wide / safe_norm.astype(wide.dtype)
+
+    elif ord == 1:  # d||x||_1 = <sign(x), dx>
+        coefficient = _unit_phase
+    else:  # max |x_i|: sign(x_i), shared equally among the maxima
+
+        def at_max(x: jax.Array) -> jax.Array:
+            return (_abs(x) == norm.astype(accumulation_dtype(x.dtype))) & (x != 0)
+
+        count = jnp.maximum(total([at_max(x).astype(dtype) for x in leaves]), 1)
+
+        def coefficient(x: jax.Array) -> jax.Array:
+            phase = _unit_phase(x)
+            return jnp.where(at_max(x), phase, 0) / count.astype(phase.dtype)
+
+    tangent = total(
+        [
+            _real_inner(jnp.where(ok, coefficient(x), 0), dx)
+            for x, dx in zip(leaves, dleaves)
+        ]
+    )
+    return norm, tangent.astype(dtype)
 
 
 def norm_of_leaves(
