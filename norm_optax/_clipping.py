@@ -204,7 +204,9 @@ def clip_by_global_norm(
     ) -> tuple[optax.Updates, optax.EmptyState]:
         del params
         scale = clip_scale(global_norm(updates, ord, axis_name=axis_name), max_norm)
-        return _common.map_inexact(lambda x: _common.scale_leaf(x, scale), updates), state
+        return _common.map_inexact(
+            lambda x: _common.scale_leaf(x, scale), updates
+        ), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
@@ -260,7 +262,9 @@ def normalize_by_global_norm(
         scale = jnp.where(positive, wanted / jnp.where(positive, g_norm, 1), 1)
         usable = jnp.isfinite(g_norm) & (wanted >= 0)
         scale = jnp.where(usable, scale, jnp.nan)
-        return _common.map_inexact(lambda x: _common.scale_leaf(x, scale), updates), state
+        return _common.map_inexact(
+            lambda x: _common.scale_leaf(x, scale), updates
+        ), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 

@@ -239,7 +239,7 @@ def _pnorm_jvp(
     tangent = total(
         [
             _real_inner(jnp.where(ok, coefficient(x), 0), dx)
-            for x, dx in zip(leaves, dleaves)
+            for x, dx in zip(leaves, dleaves, strict=True)
         ]
     )
     return norm, tangent.astype(dtype)
@@ -268,9 +268,7 @@ def norm_of_leaves(
         del xs
         return jnp.full(reference.shape, jnp.nan, reference.dtype)
 
-    index = jnp.select(
-        [ord == 1, ord == 2, jnp.isposinf(ord)], [0, 1, 2], default=3
-    )
+    index = jnp.select([ord == 1, ord == 2, jnp.isposinf(ord)], [0, 1, 2], default=3)
     return jax.lax.switch(index, [*branches, invalid], leaves)
 
 
@@ -374,8 +372,7 @@ def canonical_axes(
         if not -ndim <= a < ndim:
             at = f" of the leaf at {where}" if where else ""
             raise ValueError(
-                f"axis {axis!r} is out of range for shape {shape}{at} "
-                f"(ndim {ndim})."
+                f"axis {axis!r} is out of range for shape {shape}{at} (ndim {ndim})."
             )
         out.append(int(a) % ndim)
     if len(set(out)) != len(out):

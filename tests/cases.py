@@ -39,11 +39,18 @@ class Case:
 CLIPPING = [
     Case("clip_by_value", nox.clip_by_value, {"max_delta": 0.5}, ("max_delta",)),
     Case("clip_by_norm", nox.clip_by_norm, {"max_norm": 1.0}, ("max_norm",)),
-    Case("clip_by_norm_l1", nox.clip_by_norm, {"max_norm": 2.0, "ord": 1}, ("max_norm",)),
     Case(
-        "clip_by_norm_inf", nox.clip_by_norm, {"max_norm": 0.5, "ord": "inf"}, ("max_norm",)
+        "clip_by_norm_l1", nox.clip_by_norm, {"max_norm": 2.0, "ord": 1}, ("max_norm",)
     ),
-    Case("clip_by_global_norm", nox.clip_by_global_norm, {"max_norm": 1.0}, ("max_norm",)),
+    Case(
+        "clip_by_norm_inf",
+        nox.clip_by_norm,
+        {"max_norm": 0.5, "ord": "inf"},
+        ("max_norm",),
+    ),
+    Case(
+        "clip_by_global_norm", nox.clip_by_global_norm, {"max_norm": 1.0}, ("max_norm",)
+    ),
     Case(
         "clip_by_global_norm_l1",
         nox.clip_by_global_norm,
@@ -56,7 +63,12 @@ CLIPPING = [
         {"max_norm": 0.5, "ord": jnp.inf},
         ("max_norm",),
     ),
-    Case("normalize_by_global_norm", nox.normalize_by_global_norm, {"norm": 2.0}, ("norm",)),
+    Case(
+        "normalize_by_global_norm",
+        nox.normalize_by_global_norm,
+        {"norm": 2.0},
+        ("norm",),
+    ),
     Case(
         "adaptive_clip",
         nox.adaptive_clip,
@@ -72,7 +84,9 @@ PROJECTION_AND_DECAY: list[Case] = []
 CASES = CLIPPING + PROJECTION_AND_DECAY
 
 
-def make_tree(seed: int, dtype: Any = jnp.float32, scale: float = 3.0) -> dict[str, Any]:
+def make_tree(
+    seed: int, dtype: Any = jnp.float32, scale: float = 3.0
+) -> dict[str, Any]:
     """A small model-like tree: Dense, Conv, a scalar, an int leaf and a None."""
     rng = np.random.default_rng(seed)
 

@@ -25,7 +25,10 @@ each_case = pytest.mark.parametrize("case", CASES, ids=str)
 
 
 def _apply(
-    case: Case, updates: Any, params: Any, tx: optax.GradientTransformation | None = None
+    case: Case,
+    updates: Any,
+    params: Any,
+    tx: optax.GradientTransformation | None = None,
 ) -> Any:
     tx = case.make() if tx is None else tx
     state = tx.init(params)
@@ -78,12 +81,17 @@ def test_changes_something(case: Case) -> None:
     """The inputs are large enough that every transform is active on them."""
     updates, params = _inputs(seed=4)
     out = _apply(case, updates, params)
-    diffs = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(_inexact(out), _inexact(updates))]
+    diffs = [
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(_inexact(out), _inexact(updates), strict=True)
+    ]
     assert max(diffs) > 1e-3
 
 
 @pytest.mark.parametrize(
-    "dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64], ids=lambda d: d.__name__
+    "dtype",
+    [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64],
+    ids=lambda d: d.__name__,
 )
 @each_case
 def test_dtypes_match_float64_reference(case: Case, dtype: Any) -> None:
@@ -96,9 +104,13 @@ def test_dtypes_match_float64_reference(case: Case, dtype: Any) -> None:
             jax.tree.map(jnp.asarray, to_f64(updates)),
             jax.tree.map(jnp.asarray, to_f64(params)),
         )
-    for got, want in zip(_inexact(to_f64(out)), _inexact(jax.tree.map(np.asarray, ref))):
+    for got, want in zip(
+        _inexact(to_f64(out)), _inexact(jax.tree.map(np.asarray, ref)), strict=True
+    ):
         scale = float(np.max(np.abs(want), initial=1.0))
-        np.testing.assert_allclose(got, want, rtol=rtol(dtype), atol=rtol(dtype) * scale)
+        np.testing.assert_allclose(
+            got, want, rtol=rtol(dtype), atol=rtol(dtype) * scale
+        )
 
 
 @each_case
@@ -140,7 +152,8 @@ def test_grad_at_zero_updates_is_finite(case: Case) -> None:
         return sum(jnp.sum(x) for x in jax.tree.leaves(out))
 
     hyper = {
-        name: jnp.asarray(case.kwargs.get(name, 1e-3), jnp.float32) for name in case.hyper
+        name: jnp.asarray(case.kwargs.get(name, 1e-3), jnp.float32)
+        for name in case.hyper
     }
     grads = jax.grad(total, argnums=(0, 1))(inexact_zeros, hyper)
     for g in jax.tree.leaves(grads):

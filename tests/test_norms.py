@@ -22,7 +22,9 @@ NP_ORD = {1: 1, 2: 2, math.inf: np.inf}
 
 
 def np_global_norm(leaves: list[np.ndarray], ord: float) -> float:
-    flat = np.concatenate([np.ravel(np.asarray(x, np.complex128)) for x in leaves] or [[]])
+    flat = np.concatenate(
+        [np.ravel(np.asarray(x, np.complex128)) for x in leaves] or [[]]
+    )
     if flat.size == 0:
         return 0.0
     return float(np.linalg.norm(flat, NP_ORD[ord]))
@@ -107,13 +109,18 @@ def test_result_dtype_is_float32_or_wider(x64: None, dtype: Any, expected: Any) 
 
 def test_fp16_large_values_do_not_overflow() -> None:
     for value in (300.0, 60000.0, 65504.0):
-        tree = {"a": jnp.full((4,), value, jnp.float16), "b": jnp.asarray([value], jnp.float16)}
+        tree = {
+            "a": jnp.full((4,), value, jnp.float16),
+            "b": jnp.asarray([value], jnp.float16),
+        }
         got = float(nox.global_norm(tree))
         want = math.sqrt(5) * float(np.float16(value))
         assert math.isfinite(got)
         assert abs(got - want) / want < 1e-3
     # optax accumulates in the leaf dtype and overflows here.
-    assert not math.isfinite(float(optax.tree.norm({"a": jnp.full((4,), 60000.0, jnp.float16)})))
+    assert not math.isfinite(
+        float(optax.tree.norm({"a": jnp.full((4,), 60000.0, jnp.float16)}))
+    )
 
 
 def test_fp16_tiny_values_do_not_underflow() -> None:
@@ -192,7 +199,11 @@ def test_unit_norms_match_numpy(
     got = nox.unit_norms(jnp.asarray(x, jnp.float32), axis=axis, ord=ord)
     assert got.shape == expected_shape
     if axis is None:
-        axes = tuple(range(len(shape) - 1)) if len(shape) >= 2 else tuple(range(len(shape)))
+        axes = (
+            tuple(range(len(shape) - 1))
+            if len(shape) >= 2
+            else tuple(range(len(shape)))
+        )
     else:
         axes = (axis,) if isinstance(axis, int) else axis
     if ord == 2:
@@ -220,13 +231,22 @@ def test_gradient_is_zero_at_zero_and_finite_everywhere(ord: float) -> None:
     zeros = {"a": jnp.zeros((3, 2)), "b": jnp.zeros(4, jnp.bfloat16)}
     grads = jax.grad(nox.global_norm)(zeros, ord)
     chex.assert_trees_all_equal(grads, jax.tree.map(jnp.zeros_like, zeros))
-    unit_grad = jax.grad(lambda x: jnp.sum(nox.unit_norms(x, ord=ord)))(jnp.zeros((3, 2)))
+    unit_grad = jax.grad(lambda x: jnp.sum(nox.unit_norms(x, ord=ord)))(
+        jnp.zeros((3, 2))
+    )
     chex.assert_trees_all_equal(unit_grad, jnp.zeros((3, 2)))
     # Some units zero, others not; infinite entries: still finite gradients.
     x = jnp.array([[0.0, 1.0], [0.0, -2.0]])
-    assert bool(jnp.all(jnp.isfinite(jax.grad(lambda x: jnp.sum(nox.unit_norms(x, ord=ord)))(x))))
+    assert bool(
+        jnp.all(
+            jnp.isfinite(jax.grad(lambda x: jnp.sum(nox.unit_norms(x, ord=ord)))(x))
+        )
+    )
     inf = {"a": jnp.array([jnp.inf, 1.0])}
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(jax.grad(nox.global_norm)(inf, ord)))
+    assert all(
+        bool(jnp.all(jnp.isfinite(g)))
+        for g in jax.tree.leaves(jax.grad(nox.global_norm)(inf, ord))
+    )
 
 
 @pytest.mark.parametrize("ord", ORDS)
@@ -252,11 +272,18 @@ def test_complex_gradient_matches_autodiff() -> None:
 def test_vmap_and_axis_name_combine_slices() -> None:
     x = jnp.asarray(np.random.default_rng(4).standard_normal((4, 6)), jnp.float32)
     per_row = jax.vmap(nox.global_norm)({"x": x})
-    np.testing.assert_allclose(np.asarray(per_row), np.linalg.norm(np.asarray(x), axis=1), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(per_row), np.linalg.norm(np.asarray(x), axis=1), rtol=1e-6
+    )
     for ord in ORDS:
-        whole = jax.vmap(lambda row, o=ord: nox.global_norm({"x": row}, o, axis_name="i"), axis_name="i")(x)
+        whole = jax.vmap(
+            lambda row, o=ord: nox.global_norm({"x": row}, o, axis_name="i"),
+            axis_name="i",
+        )(x)
         np.testing.assert_allclose(
-            np.asarray(whole), np.full(4, np_global_norm([np.asarray(x)], ord)), rtol=1e-6
+            np.asarray(whole),
+            np.full(4, np_global_norm([np.asarray(x)], ord)),
+            rtol=1e-6,
         )
 
 
@@ -272,7 +299,9 @@ def test_vmap_and_axis_name_combine_slices() -> None:
     ),
     ord=st.sampled_from(ORDS),
 )
-def test_property_equals_norm_of_concatenation(arrays: list[np.ndarray], ord: float) -> None:
+def test_property_equals_norm_of_concatenation(
+    arrays: list[np.ndarray], ord: float
+) -> None:
     got = float(nox.global_norm([jnp.asarray(a) for a in arrays], ord))
     want = np_global_norm(arrays, ord)
     assert got == pytest.approx(want, rel=1e-5, abs=1e-30)
@@ -284,9 +313,16 @@ def test_property_equals_norm_of_concatenation(arrays: list[np.ndarray], ord: fl
     c=st.floats(-10, 10),
     ord=st.sampled_from(ORDS),
 )
-def test_property_norm_axioms(a: np.ndarray, b: np.ndarray, c: float, ord: float) -> None:
-    na, nb = float(nox.global_norm(jnp.asarray(a), ord)), float(nox.global_norm(jnp.asarray(b), ord))
+def test_property_norm_axioms(
+    a: np.ndarray, b: np.ndarray, c: float, ord: float
+) -> None:
+    na, nb = (
+        float(nox.global_norm(jnp.asarray(a), ord)),
+        float(nox.global_norm(jnp.asarray(b), ord)),
+    )
     nab = float(nox.global_norm(jnp.asarray(a + b), ord))
     assert nab <= (na + nb) * (1 + 1e-5) + 1e-6  # triangle inequality
     nca = float(nox.global_norm(jnp.asarray(np.float32(c) * a), ord))
-    assert nca == pytest.approx(abs(np.float32(c)) * na, rel=1e-5, abs=1e-5)  # homogeneity
+    assert nca == pytest.approx(
+        abs(np.float32(c)) * na, rel=1e-5, abs=1e-5
+    )  # homogeneity
