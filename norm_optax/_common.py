@@ -89,8 +89,9 @@ def check_params(params: Any, transform: str) -> None:
 
 def check_same_structure(updates: Any, other: Any, other_name: str) -> None:
     """Raises ``ValueError`` naming both structures if they differ."""
-    expected = jax.tree.structure(updates)
-    got = jax.tree.structure(other)
+    # (PyTreeDef's stub declares no __eq__, hence the Any.)
+    expected: Any = jax.tree.structure(updates)
+    got: Any = jax.tree.structure(other)
     if expected != got:
         raise ValueError(
             f"The structure of {other_name} does not match the updates.\n"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import hypothesis
 import jax
@@ -63,7 +64,7 @@ RTOL = {
 }
 
 
-def rtol(dtype: object) -> float:
+def rtol(dtype: Any) -> float:
     return RTOL[jnp.dtype(dtype)]
 
 

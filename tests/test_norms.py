@@ -22,11 +22,9 @@ NP_ORD = {1: 1, 2: 2, math.inf: np.inf}
 
 
 def np_global_norm(leaves: list[np.ndarray], ord: float) -> float:
-    flat = np.concatenate(
-        [np.ravel(np.asarray(x, np.complex128)) for x in leaves] or [[]]
-    )
-    if flat.size == 0:
+    if not leaves:
         return 0.0
+    flat = np.concatenate([np.ravel(np.asarray(x, np.complex128)) for x in leaves])
     return float(np.linalg.norm(flat, NP_ORD[ord]))
 
 
@@ -167,7 +165,14 @@ def test_skipped_leaves_and_empty_trees() -> None:
     assert norms["step"] is None
     assert norms["flag"] is None
     assert norms["tangent"] is None
-    for empty in ({}, [], None, {"a": None}, {"step": jnp.asarray(1, jnp.int32)}):
+    empties: list[Any] = [
+        {},
+        [],
+        None,
+        {"a": None},
+        {"step": jnp.asarray(1, jnp.int32)},
+    ]
+    for empty in empties:
         for ord in ORDS:
             value = nox.global_norm(empty, ord)
             assert float(value) == 0.0
