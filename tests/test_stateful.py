@@ -1,0 +1,587 @@
+"""The stateful companions of API.md section 5, step by step against NumPy.
+
+Each rule is re-implemented in plain float64 NumPy (``_Ref*`` below) and
+driven over one sequence of norms with spikes, a NaN and an infinity; the
+transform's output and state must follow it at every step. Then: ring-buffer
+wrap-around, no recompilation, ``optax.tree.get`` on ``record_norms``, small
+training runs with an injected gradient spike, errors, and dtypes.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import norm_optax as nox
+from norm_optax import _stateful
+
+_SHAPES = {"a": (3,), "b": (2, 4)}
+
+
+def _tree_with_norm(norm: float, seed: int, dtype: Any = jnp.float32) -> Any:
+    """A tree of the given global L2 norm (NaN/inf: one element set to it)."""
+    rng = np.random.default_rng(seed)
+    tree = {k: rng.normal(size=s) for k, s in _SHAPES.items()}
+    total = math.sqrt(sum(float(np.sum(x**2)) for x in tree.values()))
+    if math.isfinite(norm):
+        tree = {k: x * (norm / total) for k, x in tree.items()}
+    else:
+        tree["b"][1, 2] = norm
+    return {k: jnp.asarray(x, dtype) for k, x in tree.items()}
+
+
+def _np_norm(tree: Any) -> float:
+    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+    return math.sqrt(sum(float(np.sum(x**2)) for x in leaves))
+
+
+def _sequence(n: int, seed: int) -> list[float]:
+    """Log-normal norms around 1 with spikes, a NaN and an infinity."""
+    rng = np.random.default_rng(seed)
+    norms = list(np.exp(rng.normal(0.0, 0.3, size=n)))
+    for i, factor in ((3, 40.0), (n // 2, 1e3), (n // 2 + 1, 30.0), (n - 3, 1e2)):
+        norms[i] *= factor
+    norms[n // 3] = math.nan
+    norms[2 * n // 3] = math.inf
+    return [float(x) for x in norms]
+
+
+def _assert_scaled(out: Any, updates: Any, scale: float) -> None:
+    """``out == scale * updates`` (every element NaN for a NaN scale)."""
+    for got, x in zip(jax.tree.leaves(out), jax.tree.leaves(updates), strict=True):
+        got = np.asarray(got, np.float64)
+        if math.isnan(scale):
+            assert np.all(np.isnan(got)), got
+        else:
+            np.testing.assert_allclose(
+                got, scale * np.asarray(x, np.float64), rtol=2e-5, atol=1e-30
+            )
+
+
+def _jitted(tx: optax.GradientTransformation) -> Any:
+    """``tx.update`` under jit; fails if traced more than once."""
+    chex.clear_trace_counter()
+    return jax.jit(chex.assert_max_traces(tx.update, n=1))
+
+
+# ---------------------------------------------------------------------------
+# Plain NumPy references, float64.
+# ---------------------------------------------------------------------------
+
+
+class _RefAutoClip:
+    def __init__(self, percentile: float, history: int) -> None:
+        self.p = percentile
+        self.norms: collections.deque[float] = collections.deque(maxlen=history)
+
+    def step(self, x: float) -> float:
+        if not math.isfinite(x):
+            return math.nan
+        self.norms.append(x)
+        threshold = float(np.percentile(list(self.norms), self.p))
+        return min(1.0, threshold / x)
+
+
+class _RefZClip:
+    """Kumar et al.'s reference code (warm-up buffer, then EMA), in NumPy."""
+
+    def __init__(self, z: float, alpha: float, warmup: int) -> None:
+        self.z, self.alpha, self.warmup = z, alpha, max(warmup, 1)
+        self.buffer: list[float] = []
+        self.mean = self.var = 0.0
+
+    def step(self, x: float) -> float:
+        if not math.isfinite(x):
+            return math.nan
+        if len(self.buffer) < self.warmup:
+            self.buffer.append(x)
+            self.mean = float(np.mean(self.buffer))
+            self.var = float(np.var(self.buffer))
+            return 1.0
+        self.buffer.append(x)  # only its length matters from here on
+        threshold = self.mean + self.z * math.sqrt(self.var)
+        clipped = min(x, threshold)
+        self.mean = self.alpha * self.mean + (1 - self.alpha) * clipped
+        self.var = self.alpha * self.var + (1 - self.alpha) * (clipped - self.mean) ** 2
+        return clipped / x
+
+
+class _RefSkip:
+    def __init__(self, window: int, k: float) -> None:
+        self.k = k
+        self.norms: collections.deque[float] = collections.deque(maxlen=window)
+        self.skipped = 0
+
+    def step(self, x: float) -> bool:
+        """Whether the step is skipped."""
+        if len(self.norms) == self.norms.maxlen:
+            limit = np.mean(self.norms) + self.k * np.std(self.norms)
+            if not x <= limit:
+                self.skipped += 1
+                return True
+        if math.isfinite(x):
+            self.norms.append(x)
+        return False
+
+
+def _ring(values: list[float], size: int) -> np.ndarray:
+    """The ring buffer holding the last ``size`` of ``values``, in slot order."""
+    ring = np.zeros(size)
+    for i, v in enumerate(values):
+        ring[i % size] = v
+    return ring
+
+
+# ---------------------------------------------------------------------------
+# record_norms.
+# ---------------------------------------------------------------------------
+
+
+def _scale_by_value() -> optax.GradientTransformationExtraArgs:
+    """Multiplies the updates by the extra argument ``value`` and the params."""
+
+    def update(
+        updates: Any, state: Any, params: Any = None, *, value: Any = 1.0
+    ) -> tuple[Any, Any]:
+        out = jax.tree.map(lambda u, p: u * p * value, updates, params)
+        return out, state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
+def test_record_norms_values_params_and_extra_args() -> None:
+    g = _tree_with_norm(5.0, seed=0)
+    params = jax.tree.map(lambda x: jnp.full_like(x, 2.0), g)
+    tx = nox.record_norms(_scale_by_value())
+    state = tx.init(params)
+    assert state.input_norm.dtype == jnp.float32
+    assert state.input_norm.shape == ()
+    assert float(state.input_norm) == 0.0
+    assert float(state.output_norm) == 0.0
+    out, state = _jitted(tx)(g, state, params, value=jnp.float32(3.0))
+    chex.assert_trees_all_close(out, jax.tree.map(lambda x: 6 * x, g), rtol=1e-6)
+    np.testing.assert_allclose(float(state.input_norm), 5.0, rtol=1e-6)
+    np.testing.assert_allclose(float(state.output_norm), 30.0, rtol=1e-6)
+    assert state.inner_state == optax.EmptyState()
+
+
+@pytest.mark.standard_promotion
+def test_record_norms_readable_with_tree_get_inside_chain() -> None:
+    g = _tree_with_norm(10.0, seed=1)
+    tx = optax.chain(
+        nox.record_norms(nox.clip_by_global_norm(2.0)), optax.sgd(0.1, momentum=0.9)
+    )
+    state = tx.init(g)
+    np.testing.assert_array_equal(optax.tree.get(state, "input_norm"), 0.0)
+    for _ in range(2):
+        _, state = jax.jit(tx.update)(g, state, g)
+    input_norm = optax.tree.get(state, "input_norm")
+    output_norm = optax.tree.get(state, "output_norm")
+    assert input_norm.dtype == jnp.float32
+    np.testing.assert_allclose(float(input_norm), _np_norm(g), rtol=1e-6)
+    np.testing.assert_allclose(float(output_norm), 2.0, rtol=1e-6)
+
+
+def test_record_norms_float64_updates_record_float32(x64: None) -> None:
+    del x64
+    g = _tree_with_norm(3.0, seed=2, dtype=jnp.float64)
+    tx = nox.record_norms(optax.identity())
+    out, state = tx.update(g, tx.init(g))
+    assert state.input_norm.dtype == jnp.float32
+    chex.assert_trees_all_equal(out, g)
+
+
+# ---------------------------------------------------------------------------
+# autoclip.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("percentile", "history"), [(25.0, 8), (10.0, 1000), (100.0, 3)]
+)
+def test_autoclip_follows_numpy_step_by_step(percentile: float, history: int) -> None:
+    tx = nox.autoclip(percentile, history)
+    update = _jitted(tx)
+    ref = _RefAutoClip(percentile, history)
+    state = tx.init(None)
+    seen: list[float] = []
+    for t, target in enumerate(_sequence(30, seed=history)):
+        g = _tree_with_norm(target, seed=t)
+        x = _np_norm(g)
+        out, state = update(g, state)
+        _assert_scaled(out, g, ref.step(x))
+        if math.isfinite(x):
+            seen.append(x)
+        assert int(state.num_norms) == min(len(seen), history)
+        assert int(state.next_slot) == len(seen) % history
+        np.testing.assert_allclose(state.norms, _ring(seen, history), rtol=1e-6)
+
+
+def test_autoclip_ring_buffer_wraps() -> None:
+    tx = nox.autoclip(50.0, history=4)
+    state = tx.init(None)
+    for step in range(1, 11):
+        out, state = tx.update({"w": jnp.array([float(step)])}, state)
+        last = list(range(max(1, step - 3), step + 1))
+        # The newest norm is the largest: clipped to the median of the last 4.
+        np.testing.assert_allclose(out["w"], [np.percentile(last, 50.0)], rtol=1e-6)
+    np.testing.assert_array_equal(state.norms, [9.0, 10.0, 7.0, 8.0])
+    assert int(state.num_norms) == 4
+    assert int(state.next_slot) == 2
+
+
+@pytest.mark.parametrize("q", [1.0, 10.0, 33.3, 50.0, 90.0, 99.9, 100.0])
+def test_percentile_of_partial_buffer_matches_numpy(q: float) -> None:
+    rng = np.random.default_rng(int(q * 10))
+    norms = rng.exponential(size=9).astype(np.float32)
+    percentile = jax.jit(_stateful._percentile)
+    for count in range(1, 10):
+        got = percentile(jnp.asarray(norms), jnp.int32(count), jnp.float32(q))
+        want = np.percentile(norms[:count].astype(np.float64), q)
+        np.testing.assert_allclose(float(got), want, rtol=1e-6)
+
+
+def test_autoclip_nonfinite_norm_does_not_enter_buffer() -> None:
+    tx = nox.autoclip(50.0, history=4)
+    state = tx.init(None)
+    _, state = tx.update({"w": jnp.array([2.0])}, state)
+    out, new_state = tx.update({"w": jnp.array([jnp.nan, 1.0])}, state)
+    assert bool(jnp.all(jnp.isnan(out["w"])))
+    chex.assert_trees_all_equal(new_state, state)
+    out, _ = tx.update({"w": jnp.array([jnp.inf])}, new_state)
+    assert bool(jnp.isnan(out["w"][0]))
+
+
+# ---------------------------------------------------------------------------
+# zclip.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("z", "alpha", "warmup"), [(2.5, 0.97, 5), (1.0, 0.5, 1), (2.0, 0.9, 0)]
+)
+def test_zclip_follows_reference_step_by_step(
+    z: float, alpha: float, warmup: int
+) -> None:
+    tx = nox.zclip(z, alpha, warmup)
+    update = _jitted(tx)
+    ref = _RefZClip(z, alpha, warmup)
+    state = tx.init(None)
+    clipped = set()
+    for t, target in enumerate(_sequence(40, seed=warmup)):
+        g = _tree_with_norm(target, seed=100 + t)
+        x = _np_norm(g)
+        scale = ref.step(x)
+        out, state = update(g, state)
+        _assert_scaled(out, g, scale)
+        if scale < 1:
+            clipped.add(t)
+        np.testing.assert_allclose(float(state.mean), ref.mean, rtol=1e-5)
+        np.testing.assert_allclose(float(state.var), ref.var, rtol=1e-4, atol=1e-7)
+        assert int(state.num_norms) == len(ref.buffer)
+    assert 20 in clipped  # the largest spike, after warm-up
+
+
+def test_zclip_warmup_is_never_clipped_and_seeds_mean_and_var() -> None:
+    tx = nox.zclip(z_threshold=0.1, alpha=0.9, warmup_steps=4)
+    state = tx.init(None)
+    norms = [1.0, 50.0, 2.0, 3.0]
+    for x in norms:
+        out, state = tx.update({"w": jnp.array([x])}, state)
+        np.testing.assert_allclose(out["w"], [x], rtol=1e-6)  # a spike passes too
+    np.testing.assert_allclose(float(state.mean), np.mean(norms), rtol=1e-6)
+    np.testing.assert_allclose(float(state.var), np.var(norms), rtol=1e-5)
+    out, _ = tx.update({"w": jnp.array([100.0])}, state)
+    threshold = np.mean(norms) + 0.1 * np.std(norms)
+    np.testing.assert_allclose(out["w"], [threshold], rtol=1e-5)
+
+
+def test_zclip_nonfinite_norm_is_nan_and_keeps_statistics() -> None:
+    tx = nox.zclip(warmup_steps=2)
+    state = tx.init(None)
+    for x in (jnp.nan, 1.0, jnp.inf):  # during and after warm-up
+        out, new_state = tx.update({"w": jnp.array([x, 0.0])}, state)
+        if math.isfinite(float(x)):
+            state = new_state
+            continue
+        assert bool(jnp.all(jnp.isnan(out["w"])))
+        chex.assert_trees_all_equal(new_state, state)
+
+
+# ---------------------------------------------------------------------------
+# skip_on_spike.
+# ---------------------------------------------------------------------------
+
+
+def test_skip_on_spike_follows_numpy_step_by_step() -> None:
+    inner = optax.trace(decay=0.5)
+    tx = nox.skip_on_spike(inner, window=6, num_sigma=3.0)
+    update = _jitted(tx)
+    ref = _RefSkip(6, 3.0)
+    g0 = _tree_with_norm(1.0, seed=0)
+    state = tx.init(g0)
+    norms = _sequence(40, seed=7)
+    skips = []
+    for t, target in enumerate(norms):
+        g = _tree_with_norm(target, seed=200 + t)
+        skipped = ref.step(_np_norm(g))
+        out, new_state = update(g, state)
+        if skipped:
+            skips.append(t)
+            chex.assert_trees_all_equal(out, jax.tree.map(jnp.zeros_like, g))
+            chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
+        else:
+            want, want_inner = inner.update(g, state.inner_state)
+            chex.assert_trees_all_equal(out, want)
+            chex.assert_trees_all_equal(new_state.inner_state, want_inner)
+        assert int(new_state.num_skipped) == ref.skipped
+        assert int(new_state.num_norms) == len(ref.norms)
+        valid = np.sort(np.asarray(new_state.norms)[: int(new_state.num_norms)])
+        np.testing.assert_allclose(valid, np.sort(list(ref.norms)), rtol=1e-6)
+        state = new_state
+    # The spike during warm-up (step 3) passed; later spikes, NaN (13) and
+    # inf (26) included, were skipped.
+    assert 3 not in skips
+    assert {13, 20, 26, 37} <= set(skips), skips
+
+
+def test_skip_on_spike_nonfinite_during_warmup_passes_through() -> None:
+    tx = nox.skip_on_spike(optax.identity(), window=2, num_sigma=0.0)
+    state = tx.init(None)
+    for x in (1.0, math.nan, math.inf, 1.0):
+        out, state = tx.update({"w": jnp.array([x])}, state)
+        np.testing.assert_array_equal(out["w"], [x])  # never skipped in warm-up
+    assert int(state.num_norms) == 2
+    assert int(state.num_skipped) == 0
+    np.testing.assert_array_equal(state.norms, [1.0, 1.0])
+    out, state = tx.update({"w": jnp.array([math.nan])}, state)
+    np.testing.assert_array_equal(out["w"], [0.0])  # warm now: skipped
+    assert int(state.num_skipped) == 1
+
+
+def test_skip_on_spike_passes_params_and_extra_args() -> None:
+    g = _tree_with_norm(1.0, seed=3)
+    params = jax.tree.map(lambda x: jnp.full_like(x, 2.0), g)
+    tx = nox.skip_on_spike(_scale_by_value(), window=2)
+    out, _ = jax.jit(tx.update)(g, tx.init(params), params, value=jnp.float32(3.0))
+    chex.assert_trees_all_close(out, jax.tree.map(lambda x: 6 * x, g), rtol=1e-6)
+
+
+def test_skip_on_spike_under_vmap() -> None:
+    tx = nox.skip_on_spike(optax.trace(decay=0.9), window=2, num_sigma=1.0)
+    trees = [[_tree_with_norm(x, seed=s) for s in range(3)] for x in (1.0, 1.5, 1e3)]
+    g0 = trees[0][0]
+    state = jax.vmap(tx.init)(jax.tree.map(lambda *xs: jnp.stack(xs), g0, g0))
+    for step in trees:
+        batch = jax.tree.map(lambda *xs: jnp.stack(xs[:2]), *step)
+        out, state = jax.vmap(tx.update)(batch, state)
+    np.testing.assert_array_equal(state.num_skipped, [1, 1])
+    assert all(float(jnp.max(jnp.abs(x))) == 0 for x in jax.tree.leaves(out))
+
+
+# ---------------------------------------------------------------------------
+# Training runs with an injected spike.
+# ---------------------------------------------------------------------------
+
+
+def _linear_problem() -> tuple[Any, Any, jax.Array, Any]:
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.normal(size=(32, 3)), jnp.float32)
+    ys = xs @ jnp.array([1.0, -2.0, 0.5]) + 0.3
+    params = {"w": jnp.zeros(3), "b": jnp.zeros(())}
+
+    def loss(p: Any) -> jax.Array:
+        return jnp.mean((xs @ p["w"] + p["b"] - ys) ** 2)
+
+    return params, jax.grad(loss), loss(params), jax.jit(loss)
+
+
+@pytest.mark.standard_promotion
+def test_training_spike_is_skipped_and_adam_state_untouched() -> None:
+    params, grad, loss0, loss = _linear_problem()
+    tx = nox.skip_on_spike(optax.adam(5e-2), window=8, num_sigma=6.0)
+    state = tx.init(params)
+    step = _jitted(tx)
+    for t in range(40):
+        g = grad(params)
+        if t == 25:
+            g = jax.tree.map(lambda x: x * 1e4, g)
+            before = state
+        updates, state = step(g, state, params)
+        if t == 25:
+            chex.assert_trees_all_equal(state.inner_state, before.inner_state)
+            assert all(
+                float(jnp.max(jnp.abs(u))) == 0 for u in jax.tree.leaves(updates)
+            )
+            mu = optax.tree.get(state, "mu")
+            chex.assert_trees_all_equal(mu, optax.tree.get(before, "mu"))
+            chex.assert_trees_all_equal(
+                optax.tree.get(state, "nu"), optax.tree.get(before, "nu")
+            )
+        params = optax.apply_updates(params, updates)
+    assert int(state.num_skipped) == 1
+    assert int(optax.tree.get(state, "count")) == 39  # Adam's own step count
+    assert float(loss(params)) < 0.1 * float(loss0)
+
+
+@pytest.mark.standard_promotion
+def test_training_zclip_bounds_the_update_norm_after_warmup() -> None:
+    params, grad, loss0, loss = _linear_problem()
+    tx = optax.chain(
+        nox.record_norms(nox.zclip(z_threshold=2.5, warmup_steps=10)), optax.adam(5e-2)
+    )
+    state = tx.init(params)
+    step = _jitted(tx)
+    for t in range(40):
+        g = grad(params)
+        if t in (25, 32):
+            g = jax.tree.map(lambda x: x * 1e3, g)
+        zstate = optax.tree.get(state, "inner_state")
+        threshold = float(zstate.mean) + 2.5 * math.sqrt(float(zstate.var))
+        updates, state = step(g, state, params)
+        input_norm = float(optax.tree.get(state, "input_norm"))
+        output_norm = float(optax.tree.get(state, "output_norm"))
+        np.testing.assert_allclose(input_norm, _np_norm(g), rtol=1e-5)
+        if t < 10:  # warm-up: never clipped
+            np.testing.assert_allclose(output_norm, input_norm, rtol=1e-6)
+        else:
+            assert output_norm <= threshold * (1 + 1e-5)
+        if t in (25, 32):
+            assert input_norm > 100 * output_norm
+        params = optax.apply_updates(params, updates)
+    assert float(loss(params)) < float(loss0)
+
+
+# ---------------------------------------------------------------------------
+# No recompilation, inject_hyperparams, dtypes, errors.
+# ---------------------------------------------------------------------------
+
+
+_ALL = {
+    "record_norms": lambda: nox.record_norms(nox.clip_by_global_norm(1.0)),
+    "autoclip": lambda: nox.autoclip(10.0, history=5),
+    "zclip": lambda: nox.zclip(warmup_steps=2),
+    "skip_on_spike": lambda: nox.skip_on_spike(optax.trace(0.9), window=2),
+}
+
+
+@pytest.mark.parametrize("name", list(_ALL))
+def test_no_recompilation_across_steps(name: str) -> None:
+    tx = _ALL[name]()
+    g = _tree_with_norm(1.0, seed=0)
+    state = tx.init(g)
+    update = _jitted(tx)
+    for t, x in enumerate([1.0, 2.0, 1e4, math.nan, 1.5, 0.0, 3.0]):
+        _, state = update(_tree_with_norm(x, seed=t), state, g)
+
+
+@pytest.mark.parametrize("name", list(_ALL))
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_dtypes_kept(name: str, dtype: Any) -> None:
+    tx = _ALL[name]()
+    state = tx.init(_tree_with_norm(1.0, seed=0, dtype=dtype))
+    state0 = state
+    for t, x in enumerate([1.0, 1.1, 1e3, 2.0]):  # includes a skip / a clip
+        g = _tree_with_norm(x, seed=t, dtype=dtype)
+        out, state = jax.jit(tx.update)(g, state)
+        chex.assert_trees_all_equal_shapes_and_dtypes(out, g)
+        assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(out))
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, state0)
+
+
+def test_half_precision_clip_matches_float32() -> None:
+    tx = nox.autoclip(50.0, history=4)
+    s16, s32 = tx.init(None), tx.init(None)
+    for t, x in enumerate([1.0, 2.0, 3.0, 1e3]):
+        g32 = _tree_with_norm(x, seed=t)
+        g16 = jax.tree.map(lambda a: a.astype(jnp.float16), g32)
+        out16, s16 = tx.update(g16, s16)
+        out32, s32 = tx.update(jax.tree.map(lambda a: a.astype(jnp.float32), g16), s32)
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda a: a.astype(jnp.float32), out16), out32, rtol=2e-3
+        )
+
+
+def test_skipped_leaves_pass_through() -> None:
+    makes = {
+        **_ALL,
+        "skip_on_spike": lambda: nox.skip_on_spike(nox.clip_by_value(5.0), window=2),
+    }
+    for name, make in makes.items():
+        tx = make()
+        g = {"w": jnp.array([1.0, 2.0]), "frozen": None, "step": jnp.int32(7)}
+        state = tx.init(g)
+        for x in (1.0, 1.1, 1e3):  # the last is skipped by skip_on_spike
+            g = {"w": jnp.array([x, 0.0]), "frozen": None, "step": jnp.int32(7)}
+            out, state = jax.jit(tx.update)(g, state, g)
+            assert out["frozen"] is None, name
+            assert out["step"].dtype == jnp.int32, name
+            assert int(out["step"]) == 7, name
+        assert int(optax.tree.get(state, "num_skipped", 1)) == 1, name
+
+
+@pytest.mark.standard_promotion
+def test_inject_hyperparams() -> None:
+    g = _tree_with_norm(1.0, seed=0)
+    injected = optax.inject_hyperparams(nox.autoclip, static_args=("history",))(
+        percentile=50.0, history=3
+    )
+    direct = nox.autoclip(50.0, history=3)
+    s_inj, s_dir = injected.init(g), direct.init(g)
+    for t, x in enumerate([1.0, 2.0, 9.0]):
+        gt = _tree_with_norm(x, seed=t)
+        out_inj, s_inj = jax.jit(injected.update)(gt, s_inj)
+        out_dir, s_dir = direct.update(gt, s_dir)
+        chex.assert_trees_all_close(out_inj, out_dir, rtol=1e-6)
+    zinj = optax.inject_hyperparams(nox.zclip)(
+        z_threshold=1.0, alpha=0.5, warmup_steps=2
+    )
+    zdir = nox.zclip(1.0, 0.5, 2)
+    s_inj, s_dir = zinj.init(g), zdir.init(g)
+    for t, x in enumerate([1.0, 2.0, 9.0, 1.0]):
+        gt = _tree_with_norm(x, seed=t)
+        out_inj, s_inj = jax.jit(zinj.update)(gt, s_inj)
+        out_dir, s_dir = zdir.update(gt, s_dir)
+        chex.assert_trees_all_close(out_inj, out_dir, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: nox.autoclip(percentile=0.0), "percentile"),
+        (lambda: nox.autoclip(percentile=100.5), "percentile"),
+        (lambda: nox.autoclip(percentile=math.nan), "percentile"),
+        (lambda: nox.autoclip(history=0), "history"),
+        (lambda: nox.zclip(alpha=1.0), "alpha"),
+        (lambda: nox.zclip(alpha=0.0), "alpha"),
+        (lambda: nox.zclip(alpha=math.nan), "alpha"),
+        (lambda: nox.zclip(z_threshold=0.0), "z_threshold"),
+        (lambda: nox.zclip(z_threshold=-1.0), "z_threshold"),
+        (lambda: nox.zclip(z_threshold=math.nan), "z_threshold"),
+        (lambda: nox.zclip(warmup_steps=-1), "warmup_steps"),
+        (lambda: nox.zclip(warmup_steps=2.5), "warmup_steps"),
+        (lambda: nox.skip_on_spike(optax.sgd(1.0), window=1), "window"),
+        (lambda: nox.skip_on_spike(optax.sgd(1.0), num_sigma=-1.0), "num_sigma"),
+        (lambda: nox.skip_on_spike(optax.sgd(1.0), num_sigma=math.nan), "num_sigma"),
+    ],
+)
+def test_bad_arguments_raise_value_error(make: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match) as info:
+        make()
+    assert "got" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [2.5, "8", True, None])
+def test_sizes_must_be_ints(bad: Any) -> None:
+    with pytest.raises(TypeError, match="history"):
+        nox.autoclip(history=bad)
+    with pytest.raises(TypeError, match="window"):
+        nox.skip_on_spike(optax.sgd(1.0), window=bad)
