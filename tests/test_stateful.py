@@ -367,6 +367,20 @@ def test_skip_on_spike_nonfinite_during_warmup_passes_through() -> None:
     assert int(state.num_skipped) == 1
 
 
+def test_skip_on_spike_limit_uses_population_std_and_is_strict() -> None:
+    tx = nox.skip_on_spike(optax.identity(), window=2, num_sigma=1.0)
+    state = tx.init(None)
+    for x in (1.0, 3.0):  # mean 2, numpy.std 1: the limit is exactly 3
+        _, state = tx.update({"w": jnp.array([x])}, state)
+    out, after = tx.update({"w": jnp.array([3.0])}, state)  # not above: kept
+    np.testing.assert_array_equal(out["w"], [3.0])
+    assert int(after.num_skipped) == 0
+    out, after = tx.update({"w": jnp.array([3.2])}, state)  # ddof=1 would keep it
+    np.testing.assert_array_equal(out["w"], [0.0])
+    assert int(after.num_skipped) == 1
+    chex.assert_trees_all_equal(after.norms, state.norms)
+
+
 def test_skip_on_spike_passes_params_and_extra_args() -> None:
     g = _tree_with_norm(1.0, seed=3)
     params = jax.tree.map(lambda x: jnp.full_like(x, 2.0), g)
