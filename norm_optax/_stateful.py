@@ -135,6 +135,11 @@ def record_norms(
     optimizer, so that ``input_norm`` is the raw gradient norm before
     clipping: ``nox.record_norms(optax.chain(nox.clip_by_global_norm(1.0),
     optax.adamw(3e-4)))``.
+    To see the gradient norm clipped by an adaptive rule, wrap just that
+    rule: ``optax.chain(nox.record_norms(nox.zclip()), optax.adamw(3e-4))``
+    (``output_norm`` is then the clipped norm). Around
+    :func:`skip_on_spike` it records every step, skipped ones included
+    (their ``output_norm`` is 0).
 
     Args:
       inner: any :class:`optax.GradientTransformation`.
@@ -504,11 +509,14 @@ def skip_on_spike(
     .. math:: x_t > m + k\,s \qquad (k = \texttt{num\_sigma}).
 
     A spike returns zero updates (each leaf's dtype kept) and leaves
-    ``inner``'s state exactly as it was (``inner`` is not run:
-    :func:`jax.lax.cond`), its norm does not enter the window, and
+    ``inner``'s state exactly as it was (a :func:`jax.lax.cond`: ``inner``
+    is not run; under ``vmap`` it runs and its result is discarded), its
+    norm does not enter the window, and
     ``num_skipped`` is incremented. Any other step runs ``inner`` as usual
     and its norm enters the window. There are no skips during warm-up
     (before ``window`` ordinary norms).
+    Whatever ``inner`` keeps in its state (moments, step counts, norms
+    recorded by :func:`record_norms`) stays as it was on a skipped step.
 
     A NaN or infinite norm counts as a spike once the window is full (it is
     skipped and counted); during warm-up it is passed to ``inner`` unchanged

@@ -381,6 +381,16 @@ def test_skip_on_spike_limit_uses_population_std_and_is_strict() -> None:
     chex.assert_trees_all_equal(after.norms, state.norms)
 
 
+def test_record_norms_around_skip_on_spike_sees_skipped_steps() -> None:
+    tx = nox.record_norms(nox.skip_on_spike(optax.identity(), window=2))
+    state = tx.init(None)
+    for x in (1.0, 1.1, 50.0):
+        _, state = tx.update({"w": jnp.array([x])}, state)
+    np.testing.assert_allclose(float(optax.tree.get(state, "input_norm")), 50.0)
+    assert float(optax.tree.get(state, "output_norm")) == 0.0
+    assert int(optax.tree.get(state, "num_skipped")) == 1
+
+
 def test_skip_on_spike_passes_params_and_extra_args() -> None:
     g = _tree_with_norm(1.0, seed=3)
     params = jax.tree.map(lambda x: jnp.full_like(x, 2.0), g)
