@@ -11,11 +11,25 @@ chain), L1/L2 decay, and the norm primitives they are built on::
 See ``README.md`` for the placement of each transform in ``optax.chain``.
 """
 
+from norm_optax import masks as masks
 from norm_optax._clipping import adaptive_clip as adaptive_clip
 from norm_optax._clipping import clip_by_global_norm as clip_by_global_norm
 from norm_optax._clipping import clip_by_norm as clip_by_norm
 from norm_optax._clipping import clip_by_value as clip_by_value
 from norm_optax._clipping import normalize_by_global_norm as normalize_by_global_norm
+from norm_optax._decay import add_l1_decay as add_l1_decay
+from norm_optax._decay import add_l2_decay as add_l2_decay
+from norm_optax._decay import l1_penalty as l1_penalty
+from norm_optax._decay import l2_penalty as l2_penalty
+from norm_optax._decay import prox_l1 as prox_l1
+from norm_optax._projection import clip_weights as clip_weights
+from norm_optax._projection import max_norm as max_norm
+from norm_optax._projection import min_max_norm as min_max_norm
+from norm_optax._projection import non_negative as non_negative
+from norm_optax._projection import project_l1_ball as project_l1_ball
+from norm_optax._projection import project_l2_ball as project_l2_ball
+from norm_optax._projection import project_linf_ball as project_linf_ball
+from norm_optax._projection import unit_norm as unit_norm
 from norm_optax._stateful import AutoClipState as AutoClipState
 from norm_optax._stateful import RecordNormsState as RecordNormsState
 from norm_optax._stateful import SkipOnSpikeState as SkipOnSpikeState
@@ -37,15 +51,29 @@ __all__ = [
     "ZClipState",
     "__version__",
     "adaptive_clip",
+    "add_l1_decay",
+    "add_l2_decay",
     "autoclip",
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_by_value",
+    "clip_weights",
     "global_norm",
+    "l1_penalty",
+    "l2_penalty",
     "leaf_norms",
+    "masks",
+    "max_norm",
+    "min_max_norm",
+    "non_negative",
     "normalize_by_global_norm",
+    "project_l1_ball",
+    "project_l2_ball",
+    "project_linf_ball",
+    "prox_l1",
     "record_norms",
     "skip_on_spike",
+    "unit_norm",
     "unit_norms",
     "zclip",
 ]

@@ -78,8 +78,44 @@ CLIPPING = [
     ),
 ]
 
-# Projection and decay transforms (API.md 2.2, 2.3) register here.
-PROJECTION_AND_DECAY: list[Case] = []
+# Projection and decay transforms (API.md 2.2, 2.3) register here. A callable
+# ``mask`` would be taken for a schedule by ``optax.inject_hyperparams`` (it
+# belongs in ``static_args``), so masks and ``axis`` are tested in
+# test_projection.py / test_decay.py instead.
+PROJECTION_AND_DECAY: list[Case] = [
+    Case("clip_weights", nox.clip_weights, {"max_value": 1.0}, ("max_value",), True),
+    Case("non_negative", nox.non_negative, {}, (), True),
+    Case("max_norm", nox.max_norm, {"max_value": 1.0}, ("max_value",), True),
+    Case("unit_norm", nox.unit_norm, {}, (), True),
+    Case(
+        "min_max_norm",
+        nox.min_max_norm,
+        {"min_value": 0.5, "max_value": 2.0},
+        ("min_value", "max_value"),
+        True,
+    ),
+    Case(
+        "min_max_norm_rate",
+        nox.min_max_norm,
+        {"min_value": 0.5, "max_value": 2.0, "rate": 0.5},
+        ("min_value", "max_value", "rate"),
+        True,
+    ),
+    Case("project_l2_ball", nox.project_l2_ball, {"radius": 2.0}, ("radius",), True),
+    Case("project_l1_ball", nox.project_l1_ball, {"radius": 5.0}, ("radius",), True),
+    Case(
+        "project_linf_ball", nox.project_linf_ball, {"radius": 1.0}, ("radius",), True
+    ),
+    Case("add_l2_decay", nox.add_l2_decay, {"coeff": 0.1}, ("coeff",), True),
+    Case("add_l1_decay", nox.add_l1_decay, {"coeff": 0.1}, ("coeff",), True),
+    Case(
+        "prox_l1",
+        nox.prox_l1,
+        {"coeff": 0.5, "learning_rate": 1.0},
+        ("coeff", "learning_rate"),
+        True,
+    ),
+]
 
 CASES = CLIPPING + PROJECTION_AND_DECAY
 

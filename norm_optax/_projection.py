@@ -1,0 +1,771 @@
+"""Weight projection: place these *last* in ``optax.chain``, after the learning rate.
+
+A projection reads the current ``params`` and returns the update
+
+.. math:: u' = P(p + u) - p
+
+so that ``optax.apply_updates(params, u')`` is the projection of the proposed
+parameters ``p + u`` onto a constraint set (a box, a ball, a norm bound per
+unit). Every transform here is stateless (``optax.EmptyState``) and needs
+``params``.
+
+**Rounding.** ``optax.apply_updates`` adds ``u'`` to ``p`` in the parameter's
+dtype, which rounds once more. Elements a projection leaves alone get ``u``
+back unchanged. For the elements it moves, the target ``P(p + u)`` is computed
+in ``float32`` or wider and ``u'`` is chosen so that the new parameter
+``fl(p + u')`` lies between ``0`` and the target, rounded toward zero: it is
+never larger in magnitude than the exact projection, so bounds (``|w| <= c``,
+``w >= 0``, ``||w_unit|| <= c``, ...) hold after ``apply_updates`` also in
+``float16``/``bfloat16``. Norm bounds are aimed four units in the last place
+(of the accumulation dtype) inside, so that the rounding of the norm itself
+cannot push a unit over. A target of exactly ``0`` gives ``u' = -p``, so the
+new parameter is exactly ``0``. A NaN in ``params`` or ``updates`` gives NaN,
+never a plausible-looking value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from norm_optax import _common
+from norm_optax._clipping import clip_scale
+from norm_optax.norms import (
+    accumulation_dtype,
+    canonical_axes,
+    is_inexact,
+    norm_of_leaves,
+)
+
+__all__ = [
+    "clip_weights",
+    "max_norm",
+    "min_max_norm",
+    "non_negative",
+    "project_l1_ball",
+    "project_l2_ball",
+    "project_linf_ball",
+    "unit_norm",
+]
+
+Axis = int | Sequence[int] | None
+LeafFn = Callable[[str, jax.Array, jax.Array], jax.Array]
+
+_MARGIN_ULPS = 4  # how far inside a norm bound the targets are aimed
+
+
+# ---------------------------------------------------------------------------
+# Shared machinery (also used by ``_decay``).
+# ---------------------------------------------------------------------------
+
+
+def widen(x: jax.Array) -> jax.Array:
+    """``x`` in its accumulation precision (``float32`` or wider; complex kept)."""
+    if jnp.iscomplexobj(x):
+        return x
+    return x.astype(accumulation_dtype(x.dtype))
+
+
+def wide_sum(p: jax.Array, u: jax.Array) -> jax.Array:
+    """``p + u`` in the accumulation precision of both."""
+    p, u = widen(p), widen(u)
+    dtype = np.promote_types(p.dtype, u.dtype)
+    return p.astype(dtype) + u.astype(dtype)
+
+
+def leaf_params(transform: str, path: str, u: jax.Array, p: Any) -> jax.Array | None:
+    """``p`` as an array of ``u``'s shape, or ``None`` if it is not inexact."""
+    if not is_inexact(p):
+        return None
+    p = jnp.asarray(p)
+    if p.shape != u.shape:
+        raise ValueError(
+            f"{transform}: params at {path or '<root>'} have shape {p.shape}, "
+            f"the updates {u.shape}."
+        )
+    return p
+
+
+def params_transform(
+    transform: str, leaf_fn: LeafFn, mask: _common.Mask
+) -> optax.GradientTransformation:
+    """A stateless transform applying ``leaf_fn(path, u, p)`` to each leaf.
+
+    Checks that ``params`` is given and matches the updates, resolves
+    ``mask``; masked-out, non-inexact leaves and leaves whose params are not
+    inexact pass through unchanged.
+    """
+
+    def apply(path: str, u: jax.Array, p: Any) -> jax.Array:
+        p = leaf_params(transform, path, u, p)
+        return u if p is None else leaf_fn(path, u, p)
+
+    def update_fn(
+        updates: optax.Updates, state: optax.EmptyState, params: Any = None
+    ) -> tuple[optax.Updates, optax.EmptyState]:
+        _common.check_params(params, transform)
+        _common.check_same_structure(updates, params, "params")
+        masks = None if mask is None else _common.resolve_mask(mask, updates, params)
+        out = _common.map_inexact(apply, updates, params, mask=masks, with_path=True)
+        return out, state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def _toward_zero(t: jax.Array, dtype: Any) -> jax.Array:
+    """``t`` rounded to ``dtype`` toward zero (``|result| <= |t|``)."""
+    if t.dtype == dtype:
+        return t
+    near = t.astype(dtype)
+    over = jnp.abs(near.astype(t.dtype)) > jnp.abs(t)
+    return jnp.where(over, jnp.nextafter(near, jnp.zeros_like(near)), near)
+
+
+def _land_real(p: jax.Array, t: jax.Array) -> jax.Array:
+    dtype = p.dtype
+    t = jnp.real(t)
+    target = _toward_zero(t, dtype)
+    u = (target.astype(t.dtype) - p.astype(t.dtype)).astype(dtype)
+    new = p + u  # exactly what optax.apply_updates computes
+    zero = jnp.zeros((), dtype)
+    high, low = jnp.maximum(target, zero), jnp.minimum(target, zero)
+    # ``u`` is ``target - p`` rounded to nearest: if ``p + u`` overshoots, the
+    # neighbour of ``u`` on the other side of ``target - p`` does not.
+    down = jnp.nextafter(u, jnp.full_like(u, -jnp.inf))
+    up = jnp.nextafter(u, jnp.full_like(u, jnp.inf))
+    return jnp.where(new > high, down, jnp.where(new < low, up, u))
+
+
+@jax.custom_jvp
+def land(p: jax.Array, t: jax.Array) -> jax.Array:
+    """The update, in ``p``'s dtype, that moves ``p`` onto the target ``t``.
+
+    ``t`` is in ``p``'s accumulation precision. ``fl(p + land(p, t))`` lies
+    between ``0`` and ``t`` rounded toward zero; it is exactly ``0`` where ``t``
+    is ``0``. The derivative is that of ``t - p``.
+    """
+    if jnp.iscomplexobj(p):
+        return jax.lax.complex(_land_real(p.real, t.real), _land_real(p.imag, t.imag))
+    return _land_real(p, t)
+
+
+@land.defjvp
+def _land_jvp(
+    primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    p, t = primals
+    dp, dt = tangents
+    if not jnp.iscomplexobj(p):
+        dt = jnp.real(dt)
+    return land(p, t), (dt - dp.astype(dt.dtype)).astype(p.dtype)
+
+
+def finish(u: jax.Array, p: jax.Array, t: jax.Array, keep: Any) -> jax.Array:
+    """``u`` where ``keep`` (the projection leaves ``p + u`` alone), else ``t - p``."""
+    return jnp.where(keep, u, land(p, t).astype(u.dtype))
+
+
+def _inner(value: Any, dtype: Any) -> jax.Array:
+    """``value`` (a norm bound) in ``dtype``, aimed a few ulps inside."""
+    eps = jnp.finfo(dtype).eps
+    return jnp.asarray(value).astype(dtype) * (1 - _MARGIN_ULPS * eps)
+
+
+def _real_dtype(x: jax.Array) -> np.dtype:
+    return np.dtype(jnp.finfo(x.dtype).dtype)
+
+
+# ---------------------------------------------------------------------------
+# Elementwise constraints.
+# ---------------------------------------------------------------------------
+
+
+def _box(
+    transform: str, bound: Any, mask: _common.Mask
+) -> optax.GradientTransformation:
+    def leaf(path: str, u: jax.Array, p: jax.Array) -> jax.Array:
+        del path
+        x = wide_sum(p, u)
+        m = jnp.asarray(bound).astype(_real_dtype(x))
+        # Below this, rounding ``p + u`` to nearest in p's dtype stays in the box.
+        inside = _toward_zero(m, _real_dtype(p)).astype(m.dtype)
+
+        def clip(v: jax.Array) -> jax.Array:
+            return jnp.where(m >= 0, jnp.clip(v, -m, m), jnp.nan)
+
+        if jnp.iscomplexobj(x):
+            t = jax.lax.complex(clip(x.real), clip(x.imag))
+            keep = (jnp.abs(x.real) <= inside) & (jnp.abs(x.imag) <= inside)
+        else:
+            t, keep = clip(x), jnp.abs(x) <= inside
+        return finish(u, p, t, keep)
+
+    return params_transform(transform, leaf, mask)
+
+
+def clip_weights(
+    max_value: Any, mask: _common.Mask = None
+) -> optax.GradientTransformation:
+    r"""Weight clipping: keeps every parameter in ``[-max_value, max_value]``.
+
+    .. math:: p \leftarrow \min(\max(p + u, -c), c), \qquad
+       u' = \operatorname{clip}(p + u, -c, c) - p
+
+    The box constraint of the WGAN critic. Elements already inside keep their
+    update unchanged. Complex parameters have their real and imaginary parts
+    clipped separately. See the module notes on rounding: after
+    ``optax.apply_updates`` every element is in the box, in every dtype.
+
+    Place it last, after the learning rate:
+    ``optax.chain(optax.rmsprop(5e-5), nox.clip_weights(0.01))``.
+
+    Args:
+      max_value: the bound :math:`c`, ``>= 0``.
+      mask: a tree of bools matching the params (or a prefix of it), or a
+        callable ``params -> tree``; leaves marked ``False`` pass unchanged.
+
+    Returns:
+      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+
+    Raises:
+      ValueError: ``max_value`` is negative or NaN (at construction);
+        ``params`` is missing or ``params``/``mask`` does not match the
+        updates (at update).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import norm_optax as nox
+      >>> tx = nox.clip_weights(1.0)
+      >>> params = {"w": jnp.array([0.5, -0.5, 0.0])}
+      >>> u, _ = tx.update({"w": jnp.array([1.0, -2.0, 0.25])}, tx.init(params), params)
+      >>> optax.apply_updates(params, u)["w"]
+      Array([ 1.  , -1.  ,  0.25], dtype=float32)
+
+    References:
+      Arjovsky et al., `Wasserstein Generative Adversarial Networks
+      <https://arxiv.org/abs/1701.07875>`_, 2017
+    """
+    _common.check_nonnegative(max_value, "max_value")
+    return _box("clip_weights", max_value, mask)
+
+
+def project_linf_ball(
+    radius: Any, mask: _common.Mask = None
+) -> optax.GradientTransformation:
+    r"""Euclidean projection onto the :math:`\ell_\infty` ball of radius ``radius``.
+
+    .. math:: \{p : \|p\|_\infty \le r\} \text{ is the box } [-r, r]^n, \qquad
+       u' = \operatorname{clip}(p + u, -r, r) - p
+
+    The same map as :func:`clip_weights` (the ball over the whole tree is the
+    elementwise box), named for use next to :func:`project_l1_ball` and
+    :func:`project_l2_ball`.
+
+    Place it last, after the learning rate:
+    ``optax.chain(optax.sgd(1e-2), nox.project_linf_ball(1.0))``.
+
+    Args:
+      radius: :math:`r`, ``>= 0``.
+      mask: a tree of bools matching the params (or a prefix of it), or a
+        callable ``params -> tree``; leaves marked ``False`` pass unchanged.
+
+    Returns:
+      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+
+    Raises:
+      ValueError: ``radius`` is negative or NaN (at construction); ``params``
+        is missing or ``params``/``mask`` does not match the updates (at
+        update).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import norm_optax as nox
+      >>> tx = nox.project_linf_ball(2.0)
+      >>> params = {"w": jnp.zeros(3)}
+      >>> u, _ = tx.update({"w": jnp.array([3.0, -1.0, -5.0])}, tx.init(params), params)
+      >>> optax.apply_updates(params, u)["w"]
+      Array([ 2., -1., -2.], dtype=float32)
+    """
+    _common.check_nonnegative(radius, "radius")
+    return _box("project_linf_ball", radius, mask)
+
+
+def non_negative(mask: _common.Mask = None) -> optax.GradientTransformation:
+    r"""Keeps every parameter ``>= 0`` (projection onto the non-negative orthant).
+
+    .. math:: p \leftarrow \max(p + u, 0), \qquad u' = \max(p + u, 0) - p
+
+    Elements that would become negative are set to exactly ``0`` (``u' = -p``);
+    the others keep their update. As in non-negative matrix factorisation or
+    Keras' ``NonNeg`` constraint.
+
+    Place it last, after the learning rate:
+    ``optax.chain(optax.adam(1e-3), nox.non_negative())``.
+
+    Args:
+      mask: a tree of bools matching the params (or a prefix of it), or a
+        callable ``params -> tree``; leaves marked ``False`` pass unchanged.
+
+    Returns:
+      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+
+    Raises:
+      ValueError: ``params`` is missing or ``params``/``mask`` does not match
+        the updates (at update).
+      TypeError: a constrained leaf is complex (at update).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import norm_optax as nox
+      >>> tx = nox.non_negative()
+      >>> params = {"w": jnp.array([0.5, 0.5, 2.0])}
+      >>> updates = {"w": jnp.array([-1.0, 0.25, -1.0])}
+      >>> u, _ = tx.update(updates, tx.init(params), params)
+      >>> optax.apply_updates(params, u)["w"]
+      Array([0.  , 0.75, 1.  ], dtype=float32)
+    """
+
+    def leaf(path: str, u: jax.Array, p: jax.Array) -> jax.Array:
+        if jnp.iscomplexobj(u) or jnp.iscomplexobj(p):
+            raise TypeError(
+                f"non_negative: the leaf at {path or '<root>'} is complex "
+                f"({p.dtype}); complex numbers have no sign."
+            )
+        x = wide_sum(p, u)
+        return finish(u, p, jnp.maximum(x, 0), x >= 0)
+
+    return params_transform("non_negative", leaf, mask)
+
+
+# ---------------------------------------------------------------------------
+# Unit-wise norm constraints.
+# ---------------------------------------------------------------------------
+
+
+def _unitwise(
+    transform: str,
+    desired: Callable[[jax.Array], jax.Array],
+    axis: Axis,
+    mask: _common.Mask,
+) -> optax.GradientTransformation:
+    """Scales each unit of ``p + u`` to the norm ``desired(norm)``.
+
+    A zero unit stays zero; a NaN or infinite unit norm gives NaN.
+    """
+
+    def leaf(path: str, u: jax.Array, p: jax.Array) -> jax.Array:
+        x = wide_sum(p, u)
+        axes = canonical_axes(axis, u.shape, where=path or "<root>")
+        norm = norm_of_leaves((x,), 2, axes)
+        want = desired(norm)
+        positive = norm > 0
+        scale = jnp.where(positive, want / jnp.where(positive, norm, 1), 1)
+        scale = jnp.where(jnp.isfinite(norm), scale, jnp.nan)
+        return finish(u, p, x * scale.astype(x.dtype), scale == 1)
+
+    return params_transform(transform, leaf, mask)
+
+
+def max_norm(
+    max_value: Any, axis: Axis = None, mask: _common.Mask = None
+) -> optax.GradientTransformation:
+    r"""Max-norm constraint: rescales every unit whose L2 norm exceeds ``max_value``.
+
+    For every unit :math:`w` of :math:`p + u` (see :func:`norm_optax.unit_norms`),
+
+    .. math:: w \leftarrow w \cdot \min\!\left(1, \frac{c}{\|w\|_2}\right)
+
+    Units follow the Flax kernel convention unless ``axis`` names the axes to
+    reduce over: one unit per output feature of a Dense kernel ``(in, out)``
+    (the incoming weights of a neuron, as in Srivastava et al.), one per
+    output channel of a Conv kernel, the whole array for biases and scalars
+    (use ``mask`` to leave those free). Units under the limit keep their
+    update; units over it are scaled onto it (aimed a few ulps inside, see the
+    module notes). A NaN or infinite unit norm makes the unit NaN.
+
+    Place it last, after the learning rate:
+    ``optax.chain(optax.sgd(0.1, momentum=0.9), nox.max_norm(3.0))``.
+
+    Args:
+      max_value: :math:`c`, the largest unit norm, ``>= 0``.
+      axis: axes to reduce over for every leaf, or ``None`` (Flax convention).
+        Under :func:`optax.inject_hyperparams` pass it in ``static_args`` (or
+        as a tuple).
+      mask: a tree of bools matching the params (or a prefix of it), or a
+        callable ``params -> tree`` such as
+        :func:`norm_optax.masks.matrices_only`; leaves marked ``False`` pass
+        unchanged.
+
+    Returns:
+      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+
+    Raises:
+      ValueError: ``max_value`` is negative or NaN (at construction);
+        ``params`` is missing, ``params``/``mask`` does not match the updates,
+        or ``axis`` is out of range for a leaf (at update; the message names
+        the leaf's path and shape).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import norm_optax as nox
+      >>> tx = nox.max_norm(1.0)
+      >>> params = {"kernel": jnp.zeros((2, 2))}
+      >>> updates = {"kernel": jnp.array([[3.0, 0.5], [4.0, 0.0]])}
+      >>> u, _ = tx.update(updates, tx.init(params), params)
+      >>> nox.unit_norms(optax.apply_updates(params, u)["kernel"]).round(4)
+      Array([[1. , 0.5]], dtype=float32)
+
+    References:
+      Srivastava et al., `Dropout: A Simple Way to Prevent Neural Networks from
+      Overfitting <https://jmlr.org/papers/v15/srivastava14a.html>`_, 2014
+    """
+    _common.check_nonnegative(max_value, "max_value")
+
+    def desired(norm: jax.Array) -> jax.Array:
+        bound = jnp.asarray(max_value).astype(norm.dtype)
+        want = jnp.minimum(norm, _inner(bound, norm.dtype))
+        return jnp.where(bound >= 0, want, jnp.nan)
+
+    return _unitwise("max_norm", desired, axis, mask)
+
+
+def unit_norm(
+    axis: Axis = None, mask: _common.Mask = None
+) -> optax.GradientTransformation:
+    r"""Unit-norm constraint: rescales every unit to an L2 norm of exactly ``1``.
+
+    .. math:: w \leftarrow \frac{w}{\|w\|_2}, \qquad 0 \mapsto 0
+
+    for every unit :math:`w` of :math:`p + u` (Flax kernel convention unless
+    ``axis`` is given, see :func:`max_norm`). A zero unit stays zero (it has
+    no direction). After ``optax.apply_updates`` the norm is ``1`` up to one
+    rounding of the parameter dtype. A NaN or infinite unit norm makes the
+    unit NaN.
+
+    Place it last, after the learning rate:
+    ``optax.chain(optax.adam(1e-3), nox.unit_norm(mask=nox.masks.matrices_only))``.
+
+    Args:
+      axis: axes to reduce over for every leaf, or ``None`` (Flax convention).
+      mask: a tree of bools matching the params (or a prefix of it), or a
+        callable ``params -> tree``; leaves marked ``False`` pass unchanged.
+
+    Returns:
+      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+
+    Raises:
+      ValueError: ``params`` is missing, ``params``/``mask`` does not match the
+        updates, or ``axis`` is out of range for a leaf (at update).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import norm_optax as nox
+      >>> tx = nox.unit_norm()
+      >>> params = {"kernel": jnp.zeros((2, 2))}
+      >>> updates = {"kernel": jnp.array([[3.0, 0.0], [4.0, 0.0]])}
+      >>> u, _ = tx.update(updates, tx.init(params), params)
+      >>> optax.apply_updates(params, u)["kernel"]
+      Array([[0.6, 0. ],
+             [0.8, 0. ]], dtype=float32)
+
+    References:
+      Keras, `UnitNorm constraint
+      <https://keras.io/api/layers/constraints/#unitnorm-class>`_
+    """
+    return _unitwise("unit_norm", jnp.ones_like, axis, mask)
+
+
+def min_max_norm(
+    min_value: Any,
+    max_value: Any,
+    rate: Any = 1.0,
+    axis: Axis = None,
+    mask: _common.Mask = None,
+) -> optax.GradientTransformation:
+    r"""Moves every unit's L2 norm ``rate`` of the way into ``[min_value, max_value]``.
+
+    For every unit :math:`w` of :math:`p + u` with norm :math:`n = \|w\|_2`
+    (Flax kernel convention unless ``axis`` is given, see :func:`max_norm`),
+
+    .. math:: w \leftarrow w \cdot \frac{\rho \operatorname{clip}(n, a, b)
+       + (1 - \rho)\, n}{n}, \qquad 0 \mapsto 0
+
+    the semantics of Keras' ``MinMaxNorm``: ``rate=1`` enforces the bounds
+    strictly, a smaller rate moves the norms gradually. Units already inside
+    keep their update. A zero unit stays zero (it has no direction to grow
+    along). A NaN or infinite unit norm makes the unit NaN.
+
+    Place it last, after the learning rate:
+    ``optax.chain(optax.adam(1e-3), nox.min_max_norm(0.5, 2.0))``.
+
+    Args:
+      min_value: :math:`a`, the smallest unit norm, ``>= 0``.
+      max_value: :math:`b`, the largest unit norm, ``>= min_value``.
+      rate: :math:`\rho \in [0, 1]`.
+      axis: axes to reduce over for every leaf, or ``None`` (Flax convention).
+      mask: a tree of bools matching the params (or a prefix of it), or a
+        callable ``params -> tree``; leaves marked ``False`` pass unchanged.
+
+    Returns:
+      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+
+    Raises:
+      ValueError: ``min_value`` or ``max_value`` is negative or NaN,
+        ``min_value > max_value``, or ``rate`` is outside ``[0, 1]`` (at
+        construction); ``params`` is missing, ``params``/``mask`` does not
+        match the updates, or ``axis`` is out of range for a leaf (at update).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import norm_optax as nox
+      >>> tx = nox.min_max_norm(1.0, 2.0, rate=0.5)
+      >>> params = {"kernel": jnp.zeros((2, 2))}
+      >>> updates = {"kernel": jnp.array([[0.0, 6.0], [0.5, 8.0]])}  # norms 0.5, 10
+      >>> u, _ = tx.update(updates, tx.init(params), params)
+      >>> nox.unit_norms(optax.apply_updates(params, u)["kernel"]).round(4)
+      Array([[0.75, 6.  ]], dtype=float32)
+
+    References:
+      Keras, `MinMaxNorm constraint
+      <https://keras.io/api/layers/constraints/#minmaxnorm-class>`_
+    """
+    _common.check_nonnegative(min_value, "min_value")
+    _common.check_nonnegative(max_value, "max_value")
+    _common.check_range(rate, "rate", 0.0, 1.0)
+    low = _common.concrete_value(min_value, "min_value")
+    high = _common.concrete_value(max_value, "max_value")
+    if low is not None and high is not None and low > high:
+        raise ValueError(
+            f"min_value must be <= max_value, got min_value={min_value!r} > "
+            f"max_value={max_value!r}."
+        )
+
+    def desired(norm: jax.Array) -> jax.Array:
+        a = jnp.asarray(min_value).astype(norm.dtype)
+        b = jnp.asarray(max_value).astype(norm.dtype)
+        r = jnp.asarray(rate).astype(norm.dtype)
+        clipped = jnp.minimum(jnp.maximum(norm, a), _inner(b, norm.dtype))
+        want = norm + r * (clipped - norm)  # exactly ``norm`` inside the bounds
+        usable = (a >= 0) & (a <= b) & (r >= 0) & (r <= 1)
+        return jnp.where(usable, want, jnp.nan)
+
+    return _unitwise("min_max_norm", desired, axis, mask)
+
+
+# ---------------------------------------------------------------------------
+# Balls over the whole tree.
+# ---------------------------------------------------------------------------
+
+Project = Callable[[list[jax.Array]], tuple[list[jax.Array], jax.Array]]
+
+
+def _global(
+    transform: str, project: Project, mask: _common.Mask
+) -> optax.GradientTransformation:
+    """Projects all selected leaves of ``p + u`` together.
+
+    ``project(xs)`` returns the targets and a scalar ``keep`` (``True`` when
+    ``p + u`` is already inside, so the updates pass unchanged).
+    """
+
+    def update_fn(
+        updates: optax.Updates, state: optax.EmptyState, params: Any = None
+    ) -> tuple[optax.Updates, optax.EmptyState]:
+        _common.check_params(params, transform)
+        _common.check_same_structure(updates, params, "params")
+        if mask is None:
+            masks = jax.tree.map(lambda _: True, updates)
+        else:
+            masks = _common.resolve_mask(mask, updates, params)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        ps, ms = jax.tree.leaves(params), jax.tree.leaves(masks)
+        chosen = []
+        for i, ((path, u), p, m) in enumerate(zip(flat, ps, ms, strict=True)):
+            if m and is_inexact(u):
+                p = leaf_params(transform, _common.path_str(path), u, p)
+                if p is not None:
+                    chosen.append((i, jnp.asarray(u), p))
+        out = [u for _, u in flat]
+        if chosen:
+            targets, keep = project([wide_sum(p, u) for _, u, p in chosen])
+            for (i, u, p), t in zip(chosen, targets, strict=True):
+                out[i] = finish(u, p, t, keep)
+        return jax.tree.unflatten(treedef, out), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def project_l2_ball(
+    radius: Any, mask: _common.Mask = None
+) -> optax.GradientTransformation:
+    r"""Euclidean projection of the whole parameter tree onto the L2 ball.
+
+    .. math:: p \leftarrow (p + u) \cdot \min\!\left(1,
+       \frac{r}{\|p + u\|_2}\right), \qquad \|\cdot\|_2 \text{ over all leaves}
+
+    The global counterpart of :func:`max_norm`: one scale for the whole tree
+    (the selected leaves, with ``mask``), so inside the ball the updates pass
+    unchanged. A NaN or infinite norm makes every selected element NaN.
+
+    Place it last, after the learning rate:
+    ``optax.chain(optax.sgd(1e-2), nox.project_l2_ball(10.0))``.
+
+    Args:
+      radius: :math:`r`, ``>= 0``.
+      mask: a tree of bools matching the params (or a prefix of it), or a
+        callable ``params -> tree``; leaves marked ``False`` are left out of
+        the norm and pass unchanged.
+
+    Returns:
+      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+
+    Raises:
+      ValueError: ``radius`` is negative or NaN (at construction); ``params``
+        is missing or ``params``/``mask`` does not match the updates (at
+        update).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import optax
+      >>> import norm_optax as nox
+      >>> tx = nox.project_l2_ball(1.0)
+      >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(1)}
+      >>> updates = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])}
+      >>> u, _ = tx.update(updates, tx.init(params), params)
+      >>> new = optax.apply_updates(params, u)
+      >>> np.asarray(new["a"]).round(4), np.asarray(new["b"]).round(4)
+      (array([0.6, 0. ], dtype=float32), array([0.8], dtype=float32))
+    """
+    _common.check_nonnegative(radius, "radius")
+
+    def project(xs: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
+        norm = norm_of_leaves(tuple(xs), 2)
+        scale = clip_scale(norm, _inner(radius, norm.dtype))
+        keep = norm <= jnp.asarray(radius).astype(norm.dtype)
+        scale = jnp.where(keep, 1, scale)
+        return [x * scale.astype(x.dtype) for x in xs], keep & jnp.isfinite(norm)
+
+    return _global("project_l2_ball", project, mask)
+
+
+def l1_ball_threshold(xs: list[jax.Array], radius: Any) -> jax.Array:
+    r"""The soft threshold :math:`\theta` of the projection onto the L1 ball.
+
+    Sort-based (Duchi et al. 2008): with :math:`v` the magnitudes sorted in
+    decreasing order, :math:`\rho = \max\{k : v_k > (\sum_{i\le k} v_i - r)/k\}`
+    and :math:`\theta = (\sum_{i \le \rho} v_i - r)/\rho`; ``0`` inside the
+    ball, NaN if a magnitude is NaN or infinite.
+    """
+    mags = [jnp.abs(x).ravel() for x in xs]
+    dtype = max((m.dtype for m in mags), key=lambda d: d.itemsize)
+    v = jnp.concatenate([m.astype(dtype) for m in mags])
+    r = jnp.asarray(radius).astype(dtype)
+    v = -jnp.sort(-v)
+    csum = jnp.cumsum(v)
+    k = jnp.arange(1, v.size + 1, dtype=jnp.int32)
+    support = v * k.astype(dtype) > csum - r
+    rho = jnp.maximum(jnp.max(jnp.where(support, k, 0)), 1).astype(dtype)
+    theta = (csum[rho.astype(jnp.int32) - 1] - r) / rho
+
+    def excess(theta: jax.Array) -> jax.Array:
+        """``sum(max(|x| - theta, 0)) - r``, summed from the small differences."""
+        shrunk = [jnp.sum(jnp.maximum(m.astype(dtype) - theta, 0)) for m in mags]
+        return sum(shrunk[1:], start=shrunk[0]) - r
+
+    # ``csum`` loses the small differences ``|x| - theta`` to cancellation: one
+    # Newton step on the piecewise-linear ``excess`` recovers them (it keeps
+    # the derivative), then one ulp up if the sum is still over ``r``.
+    theta = theta + excess(theta) / rho
+    nudged = jnp.nextafter(theta, jnp.full_like(theta, jnp.inf))
+    theta = theta + jax.lax.stop_gradient(
+        jnp.where(excess(theta) > 0, nudged - theta, 0)
+    )
+    total = csum[-1]
+    theta = jnp.where(total <= r, 0, jnp.maximum(theta, 0))
+    return jnp.where(jnp.isfinite(total) & (r >= 0), theta, jnp.nan)
+
+
+def soft_threshold(x: jax.Array, theta: jax.Array) -> jax.Array:
+    r"""Soft threshold :math:`\operatorname{sign}(x) \max(|x| - \theta, 0)`."""
+    mag = jnp.abs(x)
+    shrunk = jnp.maximum(mag - theta.astype(mag.dtype), 0)
+    if jnp.iscomplexobj(x):
+        positive = mag > 0
+        return x * jnp.where(positive, shrunk / jnp.where(positive, mag, 1), 0).astype(
+            x.dtype
+        )
+    return jnp.sign(x) * shrunk
+
+
+def project_l1_ball(
+    radius: Any, mask: _common.Mask = None
+) -> optax.GradientTransformation:
+    r"""Exact Euclidean projection of the whole parameter tree onto the L1 ball.
+
+    .. math:: P(x) = \operatorname*{arg\,min}_{\|y\|_1 \le r} \|y - x\|_2
+       = \operatorname{sign}(x) \max(|x| - \theta, 0)
+
+    for :math:`x = p + u` over all selected leaves as one vector, where the
+    threshold :math:`\theta \ge 0` is found by sorting the magnitudes
+    (:math:`O(n \log n)`, Duchi et al. 2008): one threshold for the whole
+    tree, then every leaf is soft-thresholded. Inside the ball the updates
+    pass unchanged; outside, small entries become exactly ``0`` (a sparse
+    projection). A NaN or infinite entry makes every selected element NaN.
+    The magnitudes of all selected leaves are gathered into one vector; for
+    very large models prefer masking it to the leaves you mean to constrain.
+
+    Place it last, after the learning rate:
+    ``optax.chain(optax.sgd(1e-2), nox.project_l1_ball(1.0))``.
+
+    Args:
+      radius: :math:`r`, ``>= 0``.
+      mask: a tree of bools matching the params (or a prefix of it), or a
+        callable ``params -> tree``; leaves marked ``False`` are left out and
+        pass unchanged.
+
+    Returns:
+      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+
+    Raises:
+      ValueError: ``radius`` is negative or NaN (at construction); ``params``
+        is missing or ``params``/``mask`` does not match the updates (at
+        update).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> import optax
+      >>> import norm_optax as nox
+      >>> tx = nox.project_l1_ball(1.0)
+      >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(1)}
+      >>> updates = {"a": jnp.array([2.0, -0.25]), "b": jnp.array([1.5])}
+      >>> u, _ = tx.update(updates, tx.init(params), params)
+      >>> new = optax.apply_updates(params, u)
+      >>> np.asarray(new["a"]).round(4), np.asarray(new["b"]).round(4)
+      (array([0.75, 0.  ], dtype=float32), array([0.25], dtype=float32))
+
+    References:
+      Duchi et al., `Efficient Projections onto the l1-Ball for Learning in
+      High Dimensions <https://dl.acm.org/doi/10.1145/1390156.1390191>`_, 2008
+    """
+    _common.check_nonnegative(radius, "radius")
+
+    def project(xs: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
+        total = norm_of_leaves(tuple(xs), 1)
+        keep = total <= jnp.asarray(radius).astype(total.dtype)
+        theta = l1_ball_threshold(xs, _inner(radius, total.dtype))
+        return [soft_threshold(x, theta) for x in xs], keep & jnp.isfinite(total)
+
+    return _global("project_l1_ball", project, mask)
