@@ -66,6 +66,26 @@ CONTRACT: dict[str, list[tuple[str, object]]] = {
     ],
 }
 
+# The stateless transforms of API.md section 2 (the shared battery runs each).
+STATELESS_TRANSFORMS = [
+    "clip_by_value",
+    "clip_by_norm",
+    "clip_by_global_norm",
+    "normalize_by_global_norm",
+    "adaptive_clip",
+    "clip_weights",
+    "non_negative",
+    "max_norm",
+    "unit_norm",
+    "min_max_norm",
+    "project_l2_ball",
+    "project_l1_ball",
+    "project_linf_ball",
+    "add_l2_decay",
+    "add_l1_decay",
+    "prox_l1",
+]
+
 PARAMS_READERS = [
     "adaptive_clip",
     "clip_weights",
@@ -95,7 +115,8 @@ def test_public_name_and_arguments(name: str) -> None:
     for param in params[len(expected) :]:
         assert param.default is not inspect.Parameter.empty, (name, param.name)
     doc = inspect.getdoc(fn) or ""
-    assert "Example" in doc and ">>>" in doc, f"{name} needs a doctest example"
+    assert "Example" in doc, f"{name} needs an Example section"
+    assert ">>>" in doc, f"{name} needs a doctest example"
 
 
 @pytest.mark.parametrize("name", PARAMS_READERS)

@@ -20,6 +20,7 @@ import pytest
 import norm_optax as nox
 from tests.cases import CASES, Case, make_tree
 from tests.conftest import rtol, to_f64
+from tests.test_api import STATELESS_TRANSFORMS
 
 each_case = pytest.mark.parametrize("case", CASES, ids=str)
 
@@ -220,27 +221,6 @@ def test_chains_with_an_optimizer(case: Case) -> None:
 
 def test_every_public_transform_is_registered() -> None:
     registered = {c.factory.__name__ for c in CASES}
-    stateless = {
-        "clip_by_value",
-        "clip_by_norm",
-        "clip_by_global_norm",
-        "normalize_by_global_norm",
-        "adaptive_clip",
-    } | {
-        name
-        for name in (
-            "clip_weights",
-            "non_negative",
-            "max_norm",
-            "unit_norm",
-            "min_max_norm",
-            "project_l2_ball",
-            "project_l1_ball",
-            "project_linf_ball",
-            "add_l2_decay",
-            "add_l1_decay",
-            "prox_l1",
-        )
-        if name in nox.__all__
-    }
-    assert stateless <= registered, stateless - registered
+    assert set(STATELESS_TRANSFORMS) <= registered, (
+        set(STATELESS_TRANSFORMS) - registered
+    )
