@@ -193,7 +193,8 @@ def _box(
         x = wide_sum(p, u)
         m = jnp.asarray(bound).astype(_real_dtype(x))
         # Below this, rounding ``p + u`` to nearest in p's dtype stays in the box.
-        inside = _toward_zero(m, _real_dtype(p)).astype(m.dtype)
+        inside = _toward_zero(jax.lax.stop_gradient(m), _real_dtype(p))
+        inside = inside.astype(m.dtype)
 
         def clip(v: jax.Array) -> jax.Array:
             return jnp.where(m >= 0, jnp.clip(v, -m, m), jnp.nan)
@@ -688,10 +689,9 @@ def l1_ball_threshold(xs: list[jax.Array], radius: Any) -> jax.Array:
     # Newton step on the piecewise-linear ``excess`` recovers them (it keeps
     # the derivative), then one ulp up if the sum is still over ``r``.
     theta = theta + excess(theta) / rho
-    nudged = jnp.nextafter(theta, jnp.full_like(theta, jnp.inf))
-    theta = theta + jax.lax.stop_gradient(
-        jnp.where(excess(theta) > 0, nudged - theta, 0)
-    )
+    fixed = jax.lax.stop_gradient(theta)
+    ulp = jnp.nextafter(fixed, jnp.full_like(fixed, jnp.inf)) - fixed
+    theta = theta + jnp.where(excess(fixed) > 0, ulp, 0)
     total = csum[-1]
     theta = jnp.where(total <= r, 0, jnp.maximum(theta, 0))
     return jnp.where(jnp.isfinite(total) & (r >= 0), theta, jnp.nan)
