@@ -1,0 +1,340 @@
+"""Part 1: exploding gradients in a vanilla tanh RNN, and what clipping does.
+
+The task is the adding problem (Hochreiter & Schmidhuber, 1997): a sequence
+of ``seq_len`` pairs ``(value, marker)``, values uniform in ``[0, 1]``, two
+markers set (one in each half); the target is the sum of the two marked
+values. Predicting the mean (``1.0``) gives a mean squared error of ``1/6``.
+
+A one-layer tanh RNN trained with SGD with momentum at a learning rate that
+is too large for it hits the "cliffs" of Pascanu et al. (2013): the gradient
+norm jumps by orders of magnitude and, unclipped, the weights blow up and
+the loss becomes non-finite. Every run here starts from the same weights and
+sees the same batches; only the clipping transform placed before the
+optimizer changes. The gradient norm we log is the *pre-clip* norm of the
+raw gradients, :func:`norm_optax.global_norm`.
+
+Only jax, optax and numpy are needed to train; :func:`plot` needs matplotlib.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import norm_optax as nox
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "RNNConfig",
+    "RunResult",
+    "adding_problem",
+    "clippers",
+    "format_table",
+    "init_rnn",
+    "plot",
+    "rnn_loss",
+    "run_all",
+    "train",
+]
+
+Params = dict[str, jax.Array]
+
+#: Name of the run without clipping.
+BASELINE = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class RNNConfig:
+    """Sizes and hyper-parameters of part 1 (the defaults are the full demo)."""
+
+    seq_len: int = 30
+    hidden: int = 64
+    batch: int = 64
+    steps: int = 1500
+    learning_rate: float = 0.07
+    momentum: float = 0.9
+    max_norm: float = 1.0  # clip_by_norm, clip_by_global_norm, normalize
+    max_delta: float = 0.1  # clip_by_value
+    chunk: int = 100  # steps per jitted call (one progress-bar tick)
+
+    @classmethod
+    def quick(cls) -> RNNConfig:
+        """The ``--quick`` run: the same problem, fewer steps."""
+        return cls(steps=300, chunk=100)
+
+
+@dataclasses.dataclass
+class RunResult:
+    """Per-step loss and pre-clip gradient norm of one run."""
+
+    name: str
+    loss: np.ndarray
+    grad_norm: np.ndarray
+    seconds: float
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps whose loss or gradient norm is NaN or infinite."""
+        bad = ~np.isfinite(self.loss) | ~np.isfinite(self.grad_norm)
+        return int(np.sum(bad))
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss over the last 5% of the steps (NaN if any is non-finite)."""
+        tail = max(len(self.loss) // 20, 1)
+        return float(np.mean(self.loss[-tail:]))
+
+    @property
+    def max_grad_norm(self) -> float:
+        """Largest pre-clip gradient norm (``inf`` once it has overflowed)."""
+        finite_or_inf = self.grad_norm[~np.isnan(self.grad_norm)]
+        if finite_or_inf.size == 0:
+            return float("nan")
+        return float(np.max(finite_or_inf))
+
+    def row(self) -> dict[str, Any]:
+        """The table row of this run."""
+        return {
+            "part": "exploding",
+            "run": self.name,
+            "final_loss": self.final_loss,
+            "max_grad_norm": self.max_grad_norm,
+            "nonfinite_steps": self.nonfinite_steps,
+            "seconds": self.seconds,
+        }
+
+
+def adding_problem(
+    key: jax.Array, num_batches: int, batch: int, seq_len: int
+) -> tuple[jax.Array, jax.Array]:
+    """``num_batches`` batches of the adding problem.
+
+    Returns:
+      ``xs`` of shape ``(num_batches, batch, seq_len, 2)`` (value, marker) and
+      targets ``ys`` of shape ``(num_batches, batch)``.
+    """
+    k_values, k_first, k_second = jax.random.split(key, 3)
+    values = jax.random.uniform(k_values, (num_batches, batch, seq_len))
+    first = jax.random.randint(k_first, (num_batches, batch), 0, seq_len // 2)
+    second = jax.random.randint(k_second, (num_batches, batch), seq_len // 2, seq_len)
+    markers = jax.nn.one_hot(first, seq_len) + jax.nn.one_hot(second, seq_len)
+    xs = jnp.stack([values, markers], axis=-1)
+    ys = jnp.sum(values * markers, axis=-1)
+    return xs, ys
+
+
+def init_rnn(key: jax.Array, hidden: int) -> Params:
+    """A tanh RNN: orthogonal recurrence, readout starting near the mean target."""
+    k_rec, k_in, k_out = jax.random.split(key, 3)
+    return {
+        "w_in": jax.random.normal(k_in, (2, hidden)),
+        "w_rec": jax.nn.initializers.orthogonal()(k_rec, (hidden, hidden)),
+        "b": jnp.zeros((hidden,)),
+        "w_out": 0.1 * jax.random.normal(k_out, (hidden,)) / np.sqrt(hidden),
+        "b_out": jnp.ones(()),
+    }
+
+
+def rnn_loss(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Mean squared error of the RNN's prediction after the last time step."""
+
+    def cell(h: jax.Array, x_t: jax.Array) -> tuple[jax.Array, None]:
+        h = jnp.tanh(x_t @ params["w_in"] + h @ params["w_rec"] + params["b"])
+        return h, None
+
+    h0 = jnp.zeros((x.shape[0], params["b"].shape[0]))
+    h, _ = jax.lax.scan(cell, h0, jnp.swapaxes(x, 0, 1))
+    prediction = h @ params["w_out"] + params["b_out"]
+    return jnp.mean((prediction - y) ** 2)
+
+
+def clippers(
+    config: RNNConfig, names: Sequence[str] | None = None
+) -> dict[str, optax.GradientTransformation]:
+    """The clipping transforms compared, by name (``"none"`` is the identity).
+
+    ``autoclip`` and ``zclip`` (stateful, adaptive thresholds) use their
+    defaults; the fixed thresholds come from ``config``.
+    """
+    table: dict[str, Callable[[], optax.GradientTransformation]] = {
+        BASELINE: optax.identity,
+        "clip_by_value": lambda: nox.clip_by_value(config.max_delta),
+        "clip_by_norm": lambda: nox.clip_by_norm(config.max_norm),
+        "clip_by_global_norm": lambda: nox.clip_by_global_norm(config.max_norm),
+        "normalize_by_global_norm": lambda: nox.normalize_by_global_norm(
+            config.max_norm
+        ),
+        "autoclip": lambda: nox.autoclip(),
+        "zclip": lambda: nox.zclip(),
+    }
+    wanted = list(table) if names is None else list(names)
+    unknown = [name for name in wanted if name not in table]
+    if unknown:
+        raise ValueError(f"Unknown runs {unknown}; choose from {list(table)}.")
+    return {name: table[name]() for name in wanted}
+
+
+def optimizer(
+    clip: optax.GradientTransformation, config: RNNConfig
+) -> optax.GradientTransformation:
+    """``clip`` placed before SGD with momentum."""
+    sgd = optax.sgd(config.learning_rate, momentum=config.momentum)
+    return optax.chain(clip, sgd)
+
+
+def train(
+    tx: optax.GradientTransformation,
+    params: Params,
+    xs: jax.Array,
+    ys: jax.Array,
+    *,
+    chunk: int,
+    on_chunk: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Trains on every batch in ``xs, ys``; returns per-step loss and grad norm.
+
+    The steps run as a ``lax.scan`` inside one jitted call per ``chunk`` of
+    steps (so a progress bar can advance between calls).
+    """
+
+    def step(
+        carry: tuple[Params, optax.OptState], batch: tuple[jax.Array, jax.Array]
+    ) -> tuple[tuple[Params, optax.OptState], tuple[jax.Array, jax.Array]]:
+        p, state = carry
+        loss, grads = jax.value_and_grad(rnn_loss)(p, *batch)
+        grad_norm = nox.global_norm(grads)  # pre-clip
+        updates, state = tx.update(grads, state, p)
+        return (optax.apply_updates(p, updates), state), (loss, grad_norm)
+
+    @jax.jit
+    def run_chunk(
+        carry: tuple[Params, optax.OptState], xs: jax.Array, ys: jax.Array
+    ) -> tuple[tuple[Params, optax.OptState], tuple[jax.Array, jax.Array]]:
+        return jax.lax.scan(step, carry, (xs, ys))
+
+    carry = (params, tx.init(params))
+    losses, norms = [], []
+    for start in range(0, xs.shape[0], chunk):
+        carry, (loss, norm) = run_chunk(
+            carry, xs[start : start + chunk], ys[start : start + chunk]
+        )
+        losses.append(np.asarray(loss))
+        norms.append(np.asarray(norm))
+        if on_chunk is not None:
+            on_chunk(int(loss.shape[0]))
+    return np.concatenate(losses), np.concatenate(norms)
+
+
+def run_all(
+    config: RNNConfig,
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+    on_chunk: Callable[[int, str], None] | None = None,
+) -> list[RunResult]:
+    """Trains one run per clipping transform, same init and data for all."""
+    key = jax.random.PRNGKey(seed)
+    k_init, k_data = jax.random.split(key)
+    params = init_rnn(k_init, config.hidden)
+    xs, ys = adding_problem(k_data, config.steps, config.batch, config.seq_len)
+    results = []
+    for name, clip in clippers(config, names).items():
+        tick = None if on_chunk is None else _bind(on_chunk, name)
+        start = time.perf_counter()
+        loss, norm = train(
+            optimizer(clip, config), params, xs, ys, chunk=config.chunk, on_chunk=tick
+        )
+        results.append(RunResult(name, loss, norm, time.perf_counter() - start))
+    return results
+
+
+def _bind(on_chunk: Callable[[int, str], None], name: str) -> Callable[[int], None]:
+    return lambda steps: on_chunk(steps, f"part 1: {name}")
+
+
+def format_table(results: Sequence[RunResult]) -> str:
+    """A Markdown table: final loss, max grad norm, non-finite steps, time."""
+    lines = [
+        "| run | final loss | max grad norm (pre-clip) | non-finite steps | "
+        "wall time (s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.final_loss:.4g} | {r.max_grad_norm:.3g} | "
+            f"{r.nonfinite_steps} | {r.seconds:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _moving_average(x: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average; a non-finite value spoils the windows it is in."""
+    if window <= 1 or len(x) < window:
+        return x
+    x = np.where(np.isfinite(x), x, np.nan)
+    kernel = np.ones(window) / window
+    smooth = np.convolve(x, kernel, mode="valid")
+    return np.concatenate([np.full(window - 1, np.nan), smooth])
+
+
+def plot(
+    results: Sequence[RunResult],
+    window: int = 25,
+    loss_top: float = 1e2,
+    norm_top: float = 1e4,
+) -> Figure:
+    """Loss and pre-clip gradient norm per step (log scale), one line per run.
+
+    The y axes stop at ``loss_top`` and ``norm_top``; a cross on the top edge
+    marks the first step at which a run leaves the plot (or turns non-finite).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_loss, ax_norm = fig.subplots(1, 2)
+    for ax, top, series in (
+        (ax_loss, loss_top, "loss"),
+        (ax_norm, norm_top, "grad_norm"),
+    ):
+        lows = []
+        for r in results:
+            values = getattr(r, series)
+            steps = np.arange(1, len(values) + 1)
+            smooth = _moving_average(values, window)
+            (line,) = ax.plot(steps, smooth, lw=1.2, label=r.name)
+            finite = smooth[np.isfinite(smooth)]
+            if finite.size:
+                lows.append(float(np.min(finite)))
+            off = np.nonzero(~np.isfinite(values) | (values > top))[0]
+            if off.size:
+                ax.plot(
+                    off[0] + 1,
+                    top,
+                    "x",
+                    ms=10,
+                    mew=2.5,
+                    color=line.get_color(),
+                    clip_on=False,
+                )
+        ax.set_yscale("log")
+        ax.set_ylim(0.5 * min(lows, default=top / 10), top)
+        ax.set_xlabel("step")
+    ax_loss.axhline(1 / 6, color="gray", ls=":", lw=1, label="predict the mean")
+    ax_loss.set(
+        ylabel="training loss (MSE)",
+        title=f"Loss ({window}-step mean; x = run blew up)",
+    )
+    ax_norm.set(
+        ylabel="global gradient norm",
+        title=f"Pre-clip gradient norm ({window}-step mean)",
+    )
+    ax_loss.legend(fontsize=8, loc="lower left")
+    return fig

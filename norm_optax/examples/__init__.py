@@ -1,0 +1,1 @@
+"""Small runnable examples (need the ``examples`` extra)."""

@@ -1,0 +1,132 @@
+"""``python -m norm_optax.demo --quick``: tables, plots and the guarantees it shows."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import pytest
+
+from norm_optax.demo import INSTALL_HINT, main
+from norm_optax.demo.constraints import CNNConfig
+from norm_optax.demo.exploding import RNNConfig
+
+pytestmark = pytest.mark.standard_promotion  # the demo runs optax optimizers
+
+
+@pytest.fixture(scope="module")
+def quick_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[pathlib.Path, list[dict[str, Any]], str, str]:
+    out = tmp_path_factory.mktemp("demo_out")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with (
+        jax.numpy_dtype_promotion("standard"),
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+    ):
+        rows = main(["--quick", "--out", str(out)])
+    return out, rows, stdout.getvalue(), stderr.getvalue()
+
+
+def _rows(rows: list[dict[str, Any]], part: str) -> dict[str, dict[str, Any]]:
+    return {r["run"]: r for r in rows if r["part"] == part}
+
+
+def test_writes_both_plots(quick_run: Any) -> None:
+    out, _, stdout, _ = quick_run
+    for name in ("demo_exploding.png", "demo_constraints.png"):
+        path = out / name
+        assert path.stat().st_size > 10_000, path
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"wrote {path}" in stdout
+
+
+def test_prints_both_tables(quick_run: Any) -> None:
+    _, rows, stdout, stderr = quick_run
+    assert "| run | final loss | max grad norm (pre-clip) |" in stdout
+    assert "| run | test accuracy | exactly-zero weights |" in stdout
+    for row in rows:  # every run has its line in a table
+        assert f"| {row['run']} |" in stdout
+    assert "100.0%" in stderr  # the progress bar finished
+
+
+def test_runs_every_technique(quick_run: Any) -> None:
+    _, rows, _, _ = quick_run
+    assert list(_rows(rows, "exploding")) == [
+        "none",
+        "clip_by_value",
+        "clip_by_norm",
+        "clip_by_global_norm",
+        "normalize_by_global_norm",
+        "autoclip",
+        "zclip",
+    ]
+    assert list(_rows(rows, "constraints")) == [
+        "plain",
+        "add_l2_decay",
+        "decoupled_decay",
+        "prox_l1",
+        "max_norm",
+        "unit_norm",
+        "clip_weights",
+    ]
+
+
+def test_unclipped_run_is_worse(quick_run: Any) -> None:
+    _, rows, _, _ = quick_run
+    runs = _rows(rows, "exploding")
+    none, clipped = runs["none"], runs["clip_by_global_norm"]
+    assert clipped["nonfinite_steps"] == 0
+    assert math.isfinite(clipped["final_loss"])
+    assert clipped["final_loss"] < 1 / 6  # learns more than the mean
+    # Unclipped: non-finite steps, or a clearly higher loss at the end.
+    assert none["nonfinite_steps"] > 0 or none["final_loss"] > 2 * clipped["final_loss"]
+
+
+def test_prox_l1_gives_exact_zeros(quick_run: Any) -> None:
+    _, rows, stdout, _ = quick_run
+    runs = _rows(rows, "constraints")
+    assert runs["prox_l1"]["zero_fraction"] > 0.05
+    assert runs["plain"]["zero_fraction"] == 0.0
+    assert "check prox_l1:" in stdout
+    assert "-> OK" in stdout.split("check prox_l1:")[1].splitlines()[0]
+
+
+def test_max_norm_bounds_every_unit(quick_run: Any) -> None:
+    _, rows, stdout, _ = quick_run
+    runs = _rows(rows, "constraints")
+    bound = CNNConfig().max_norm
+    assert runs["max_norm"]["max_unit_norm"] <= bound * (1 + 1e-6)
+    assert runs["plain"]["max_unit_norm"] > bound  # the constraint is active
+    assert runs["unit_norm"]["max_unit_norm"] == pytest.approx(1.0, rel=1e-5)
+    assert "-> OK" in stdout.split("check max_norm:")[1].splitlines()[0]
+    assert "FAILED" not in stdout
+
+
+def test_learns_digits(quick_run: Any) -> None:
+    _, rows, _, _ = quick_run
+    assert _rows(rows, "constraints")["plain"]["test_accuracy"] > 0.9
+
+
+def test_quick_is_smaller_than_full() -> None:
+    assert RNNConfig.quick().steps < RNNConfig().steps
+    assert CNNConfig.quick().steps < CNNConfig().steps
+
+
+def test_missing_extra_names_the_install_command(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn fails
+    with pytest.raises(SystemExit) as info:
+        main(["--quick", "--out", str(tmp_path)])
+    message = str(info.value.code)
+    assert "scikit-learn" in message
+    assert INSTALL_HINT in message
+    assert INSTALL_HINT == 'pip install "norm-optax[examples]"'
+    assert not list(tmp_path.iterdir())  # nothing ran
