@@ -516,3 +516,31 @@ def test_nnx_training_keeps_unit_norms_bounded() -> None:
         assert np.all(norms <= 2.0 * (1 + eps)), norms
     kernel = np.asarray(model.hidden.kernel[...], np.float64)
     assert np.max(_unit_norms_f64(kernel)) > 1.9  # the constraint was active
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=str)
+def test_meta_gradients_are_finite_in_half_precision(dtype: Any) -> None:
+    """Rounding toward the set (``nextafter``) stays out of differentiation."""
+    params = _tree(8, dtype)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    factories: list[tuple[Callable[..., optax.GradientTransformation], str]] = [
+        (nox.clip_weights, "max_value"),
+        (nox.project_linf_ball, "radius"),
+        (nox.project_l1_ball, "radius"),
+        (nox.project_l2_ball, "radius"),
+        (nox.max_norm, "max_value"),
+    ]
+    for factory, name in factories:
+
+        def total(
+            u: Tree, bound: jax.Array, factory: Any = factory, name: str = name
+        ) -> Any:
+            tx = factory(**{name: bound})
+            out, _ = tx.update(u, tx.init(params), params)
+            new = optax.apply_updates(params, out)
+            return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in new.values())
+
+        grads = jax.grad(total, argnums=(0, 1))(zeros, jnp.asarray(0.5, jnp.float32))
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+        # d||P(p)||^2 / d(bound) is nonzero: the bound is active on these params.
+        assert float(grads[1]) != 0.0
