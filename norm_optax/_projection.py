@@ -16,11 +16,13 @@ in ``float32`` or wider and ``u'`` is chosen so that the new parameter
 ``fl(p + u')`` lies between ``0`` and the target, rounded toward zero: it is
 never larger in magnitude than the exact projection, so bounds (``|w| <= c``,
 ``w >= 0``, ``||w_unit|| <= c``, ...) hold after ``apply_updates`` also in
-``float16``/``bfloat16``. Norm bounds are aimed four units in the last place
-(of the accumulation dtype) inside, so that the rounding of the norm itself
-cannot push a unit over. A target of exactly ``0`` gives ``u' = -p``, so the
-new parameter is exactly ``0``. A NaN in ``params`` or ``updates`` gives NaN,
-never a plausible-looking value.
+``float16``/``bfloat16``. (``p + u'`` can only reach values on a grid of
+spacing about one ulp of ``p``: when the target is much smaller than ``p``,
+the new parameter lands up to that far inside.) Norm bounds are aimed four
+units in the last place (of the accumulation dtype) inside, so that the
+rounding of the norm itself cannot push a unit over. A target of exactly
+``0`` gives ``u' = -p``, so the new parameter is exactly ``0``. A NaN in
+``params`` or ``updates`` gives NaN, never a plausible-looking value.
 """
 
 from __future__ import annotations
@@ -449,7 +451,8 @@ def unit_norm(
     for every unit :math:`w` of :math:`p + u` (Flax kernel convention unless
     ``axis`` is given, see :func:`max_norm`). A zero unit stays zero (it has
     no direction). After ``optax.apply_updates`` the norm is ``1`` up to one
-    rounding of the parameter dtype. A NaN or infinite unit norm makes the
+    rounding of the parameter dtype (for a unit that moves far, of the
+    parameter dtype at the old values' magnitude). A NaN or infinite unit norm makes the
     unit NaN.
 
     Place it last, after the learning rate:
