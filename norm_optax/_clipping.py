@@ -203,10 +203,19 @@ def clip_by_global_norm(
         updates: optax.Updates, state: optax.EmptyState, params: Any = None
     ) -> tuple[optax.Updates, optax.EmptyState]:
         del params
-        scale = clip_scale(global_norm(updates, ord, axis_name=axis_name), max_norm)
-        return _common.map_inexact(
-            lambda x: _common.scale_leaf(x, scale), updates
-        ), state
+        norm = global_norm(updates, ord, axis_name=axis_name)
+        scale = clip_scale(norm, max_norm)
+        # Within the limit the leaf is selected as it is, not multiplied by 1:
+        # with donated buffers XLA then stores nothing (the value is already
+        # there), so a step that needs no clipping costs only the norm. False
+        # for a NaN or infinite norm and for a NaN or negative traced
+        # max_norm, where ``scale`` is NaN.
+        within = norm <= jnp.asarray(max_norm).astype(norm.dtype)
+
+        def clip(x: jax.Array) -> jax.Array:
+            return jnp.where(within, x, _common.scale_leaf(x, scale))
+
+        return _common.map_inexact(clip, updates), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
