@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from norm_optax import _common
+from norm_optax import _common, _sharding
 from norm_optax._clipping import clip_scale
 from norm_optax.norms import (
     accumulation_dtype,
@@ -667,35 +667,55 @@ def project_l2_ball(
 def l1_ball_threshold(xs: list[jax.Array], radius: Any) -> jax.Array:
     r"""The soft threshold :math:`\theta` of the projection onto the L1 ball.
 
-    Sort-based (Duchi et al. 2008): with :math:`v` the magnitudes sorted in
-    decreasing order, :math:`\rho = \max\{k : v_k > (\sum_{i\le k} v_i - r)/k\}`
-    and :math:`\theta = (\sum_{i \le \rho} v_i - r)/\rho`; ``0`` inside the
+    :math:`\theta \ge 0` solves :math:`f(\theta) = \sum_i \max(|x_i| - \theta, 0)
+    - r = 0`, a convex, decreasing, piecewise-linear equation. Newton's method
+    from :math:`\theta = 0`, :math:`\theta \leftarrow \theta + f(\theta) /
+    \#\{i : |x_i| > \theta\}` (Michelot's algorithm), never overshoots and
+    ends on the exact root once the support stops shrinking: the same
+    threshold as the sort-based algorithm of Duchi et al. 2008, found without
+    sorting or gathering the leaves, with a few passes over them that each
+    reduce to two scalars (a typical tree needs a handful). ``0`` inside the
     ball, NaN if a magnitude is NaN or infinite.
     """
-    mags = [jnp.abs(x).ravel() for x in xs]
+    mags = [jnp.abs(x) for x in xs]
     dtype = max((m.dtype for m in mags), key=lambda d: d.itemsize)
-    v = jnp.concatenate([m.astype(dtype) for m in mags])
     r = jnp.asarray(radius).astype(dtype)
-    v = -jnp.sort(-v)
-    csum = jnp.cumsum(v)
-    k = jnp.arange(1, v.size + 1, dtype=jnp.int32)
-    support = v * k.astype(dtype) > csum - r
-    rho = jnp.maximum(jnp.max(jnp.where(support, k, 0)), 1).astype(dtype)
-    theta = (csum[rho.astype(jnp.int32) - 1] - r) / rho
 
-    def excess(theta: jax.Array) -> jax.Array:
-        """``sum(max(|x| - theta, 0)) - r``, summed from the small differences."""
-        shrunk = [jnp.sum(jnp.maximum(m.astype(dtype) - theta, 0)) for m in mags]
-        return sum(shrunk[1:], start=shrunk[0]) - r
+    def excess_and_support(
+        theta: jax.Array, mags: list[jax.Array], r: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """``f(theta)``, summed from the small differences, and the support size."""
+        above = [m - theta.astype(m.dtype) for m in mags]
+        excess = _sharding.reduce_to_scalar(
+            [jnp.maximum(d, 0) for d in above], "sum", dtype
+        )
+        support = _sharding.reduce_to_scalar(
+            [(d > 0).astype(dtype) for d in above], "sum", dtype
+        )
+        return excess - r, support
 
-    # ``csum`` loses the small differences ``|x| - theta`` to cancellation: one
-    # Newton step on the piecewise-linear ``excess`` recovers them (it keeps
-    # the derivative), then one ulp up if the sum is still over ``r``.
-    theta = theta + excess(theta) / rho
+    # The iteration runs on constants; the derivative comes from the last,
+    # differentiable Newton step below (implicit differentiation of f = 0).
+    fixed_mags = [jax.lax.stop_gradient(m) for m in mags]
+    fixed_r = jax.lax.stop_gradient(r)
+
+    def newton(state: tuple[jax.Array, jax.Array, jax.Array]) -> Any:
+        theta, support, _ = state
+        excess, new_support = excess_and_support(theta, fixed_mags, fixed_r)
+        go = (excess > 0) & (new_support < support)
+        step = excess / jnp.maximum(new_support, 1)
+        return jnp.where(go, theta + step, theta), new_support, go
+
+    start = (jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype), jnp.asarray(True))
+    theta, _, _ = jax.lax.while_loop(lambda state: state[2], newton, start)
+    excess, support = excess_and_support(theta, mags, r)
+    theta = theta + excess / jnp.maximum(support, 1)
+    # One ulp up if rounding left the sum over ``r``.
     fixed = jax.lax.stop_gradient(theta)
     ulp = jnp.nextafter(fixed, jnp.full_like(fixed, jnp.inf)) - fixed
-    theta = theta + jnp.where(excess(fixed) > 0, ulp, 0)
-    total = csum[-1]
+    over = excess_and_support(fixed, fixed_mags, fixed_r)[0] > 0
+    theta = theta + jnp.where(over, ulp, 0)
+    total = norm_of_leaves(tuple(mags), 1).astype(dtype)
     theta = jnp.where(total <= r, 0, jnp.maximum(theta, 0))
     return jnp.where(jnp.isfinite(total) & (r >= 0), theta, jnp.nan)
 
@@ -721,13 +741,14 @@ def project_l1_ball(
        = \operatorname{sign}(x) \max(|x| - \theta, 0)
 
     for :math:`x = p + u` over all selected leaves as one vector, where the
-    threshold :math:`\theta \ge 0` is found by sorting the magnitudes
-    (:math:`O(n \log n)`, Duchi et al. 2008): one threshold for the whole
-    tree, then every leaf is soft-thresholded. Inside the ball the updates
-    pass unchanged; outside, small entries become exactly ``0`` (a sparse
-    projection). A NaN or infinite entry makes every selected element NaN.
-    The magnitudes of all selected leaves are gathered into one vector; for
-    very large models prefer masking it to the leaves you mean to constrain.
+    threshold :math:`\theta \ge 0` is the one of Duchi et al. 2008, found
+    without sorting: Newton's method on :math:`\sum_i \max(|x_i| - \theta, 0)
+    = r` (Michelot's algorithm), exact once the support stops shrinking, a
+    few passes over the leaves that each reduce to two scalars (so sharded
+    leaves are never gathered). One threshold for the whole tree, then every
+    leaf is soft-thresholded. Inside the ball the updates pass unchanged;
+    outside, small entries become exactly ``0`` (a sparse projection). A NaN
+    or infinite entry makes every selected element NaN.
 
     Place it last, after the learning rate:
     ``optax.chain(optax.sgd(1e-2), nox.project_l1_ball(1.0))``.

@@ -544,3 +544,47 @@ def test_meta_gradients_are_finite_in_half_precision(dtype: Any) -> None:
         assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
         # d||P(p)||^2 / d(bound) is nonzero: the bound is active on these params.
         assert float(grads[1]) != 0.0
+
+
+def _np_duchi(tree: Tree, radius: float) -> Tree:
+    """The sort-based algorithm of Duchi et al. 2008, in NumPy."""
+    v = np.sort(np.concatenate([np.abs(x).ravel() for x in tree.values()]))[::-1]
+    if v.sum() <= radius:
+        return tree
+    csum = np.cumsum(v)
+    k = np.arange(1, v.size + 1)
+    rho = k[v * k > csum - radius].max()
+    theta = (csum[rho - 1] - radius) / rho
+    return {k: np.sign(x) * np.maximum(np.abs(x) - theta, 0) for k, x in tree.items()}
+
+
+@pytest.mark.parametrize("kind", ["geometric", "ties", "one_large", "many"], ids=str)
+def test_l1_ball_matches_sort_based_algorithm(x64: None, kind: str) -> None:
+    rng = np.random.default_rng(0)
+    if kind == "geometric":  # the support shrinks by one per Newton step
+        w = 2.0 ** -np.arange(40.0) * rng.choice([-1, 1], 40)
+    elif kind == "ties":
+        w = np.repeat([3.0, -2.0, 1.0, -1.0], 10)
+    elif kind == "one_large":
+        w = np.concatenate([[100.0], rng.standard_normal(50)])
+    else:
+        w = rng.standard_normal(5000)
+    x = {"a": w[: w.size // 2].reshape(-1, 1), "b": w[w.size // 2 :]}
+    for radius in (0.5, 1.0, 7.0, 0.5 * np.abs(w).sum()):
+        got = _project_with(nox.project_l1_ball(radius), x)
+        chex.assert_trees_all_close(got, _np_duchi(x, radius), rtol=1e-10, atol=1e-12)
+
+
+def _project_with(tx: optax.GradientTransformation, x: Tree) -> Tree:
+    zeros = jax.tree.map(jnp.zeros_like, x)
+    out, _ = tx.update(x, tx.init(zeros), zeros)
+    return _f64(optax.apply_updates(zeros, out))
+
+
+def test_l1_ball_neither_sorts_nor_gathers_the_leaves() -> None:
+    """The threshold needs only scalar reductions (no all-gather when sharded)."""
+    params = _tree(0)
+    tx = nox.project_l1_ball(1.0)
+    jaxpr = str(jax.make_jaxpr(tx.update)(params, tx.init(params), params))
+    assert "sort" not in jaxpr
+    assert "concatenate" not in jaxpr
