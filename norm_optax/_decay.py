@@ -11,7 +11,9 @@
 * :func:`l2_penalty` and :func:`l1_penalty` are the loss-side terms, plain
   functions to add to a loss.
 
-The transforms are stateless, need ``params`` and take a ``mask``.
+The transforms are stateless, need ``params`` and take a ``mask``. Under
+:func:`optax.inject_hyperparams`, pass a callable ``mask`` in ``static_args``
+(a callable would otherwise be taken for a schedule).
 """
 
 from __future__ import annotations

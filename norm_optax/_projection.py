@@ -23,6 +23,9 @@ units in the last place (of the accumulation dtype) inside, so that the
 rounding of the norm itself cannot push a unit over. A target of exactly
 ``0`` gives ``u' = -p``, so the new parameter is exactly ``0``. A NaN in
 ``params`` or ``updates`` gives NaN, never a plausible-looking value.
+
+Under :func:`optax.inject_hyperparams`, pass ``axis`` and a callable ``mask``
+in ``static_args`` (a callable would otherwise be taken for a schedule).
 """
 
 from __future__ import annotations
