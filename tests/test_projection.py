@@ -596,3 +596,18 @@ def test_l1_ball_neither_sorts_nor_gathers_the_leaves() -> None:
     jaxpr = str(jax.make_jaxpr(tx.update)(params, tx.init(params), params))
     assert "sort" not in jaxpr
     assert "concatenate" not in jaxpr
+
+
+@pytest.mark.standard_promotion
+def test_inject_hyperparams_with_static_axis_and_mask() -> None:
+    injected = optax.inject_hyperparams(nox.max_norm, static_args=("axis", "mask"))(
+        max_value=1.0, axis=(0,), mask=nox.masks.matrices_only
+    )
+    params, updates = _tree(0), _tree(1, scale=3.0)
+    state = injected.init(params)
+    assert set(state.hyperparams) == {"max_value"}
+    out, _ = jax.jit(injected.update)(updates, state, params)
+    direct = nox.max_norm(1.0, axis=(0,), mask=nox.masks.matrices_only)
+    want, _ = direct.update(updates, direct.init(params), params)
+    chex.assert_trees_all_close(out, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(out["bias"], updates["bias"])
