@@ -80,12 +80,20 @@ CLIPPING = [
 
 # Projection and decay transforms (API.md 2.2, 2.3) register here. A callable
 # ``mask`` would be taken for a schedule by ``optax.inject_hyperparams`` (it
-# belongs in ``static_args``), so masks and ``axis`` are tested in
-# test_projection.py / test_decay.py instead.
+# belongs in ``static_args``), so masks and most ``axis`` variants are tested in
+# test_projection.py, test_decay.py and test_masks.py instead.
 PROJECTION_AND_DECAY: list[Case] = [
     Case("clip_weights", nox.clip_weights, {"max_value": 1.0}, ("max_value",), True),
     Case("non_negative", nox.non_negative, {}, (), True),
     Case("max_norm", nox.max_norm, {"max_value": 1.0}, ("max_value",), True),
+    # ``axis=()``: every element is its own unit (valid for every leaf rank).
+    Case(
+        "max_norm_axis_empty",
+        nox.max_norm,
+        {"max_value": 1.0, "axis": ()},
+        ("max_value",),
+        True,
+    ),
     Case("unit_norm", nox.unit_norm, {}, (), True),
     Case(
         "min_max_norm",
