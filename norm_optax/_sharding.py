@@ -1,22 +1,37 @@
 """How per-leaf partial norms are combined into one scalar.
 
 This is the only place that knows about devices. ``reduce_to_scalar`` turns
-elementwise parts (``|x|^2``, ``|x|``, ...) of every leaf into one scalar:
+elementwise parts (``|x|^2``, ``|x|``, ...) of every leaf into one scalar, with
+at most one cross-device all-reduce of a scalar and no all-gather:
 
 * inside ``shard_map``/``pmap`` (``axis_name`` given) the local total is
   combined across the named axis with one ``psum``/``pmax``;
-* under ``jax.jit`` with GSPMD shardings, XLA partitions each per-leaf
-  reduction and inserts the collectives.
+* under ``jax.jit`` with leaves sharded on a mesh whose axes are
+  ``Explicit`` (the default of :func:`jax.make_mesh`), the shardings are known
+  at trace time. The per-device partial totals of all leaves are then added
+  up inside a :func:`jax.shard_map` over that mesh, each replicated copy of a
+  leaf counted once, and combined with a single ``psum``/``pmax`` over the
+  mesh axes any leaf is sharded on. Without this, XLA reduces each leaf over
+  its own mesh axes, which costs one all-reduce per distinct set of axes
+  (e.g. two for leaves sharded on ``('data', 'model')`` and on ``'model'``);
+* otherwise (no mesh, ``Auto`` mesh axes as with ``jax.sharding.Mesh`` plus
+  ``jax.jit(in_shardings=...)``, leaves on different meshes, leaves that are
+  all replicated) the per-leaf totals are added up as written and XLA's
+  SPMD partitioner inserts the collectives it needs: one all-reduce when every
+  sharded leaf is sharded on the same mesh axes, one per distinct set of axes
+  otherwise.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
 __all__ = ["reduce_to_scalar"]
 
@@ -27,10 +42,138 @@ def _leaf_total(part: jax.Array, kind: str, dtype: np.dtype) -> jax.Array:
     return jnp.max(part, initial=0).astype(dtype)
 
 
+def _combine(totals: Sequence[jax.Array], kind: str, dtype: np.dtype) -> jax.Array:
+    if not totals:
+        return jnp.zeros((), dtype)
+    if kind == "sum":
+        return sum(totals[1:], start=totals[0])
+    return jnp.max(jnp.stack(totals))
+
+
+def _collective(total: jax.Array, kind: str, axis_name: Any) -> jax.Array:
+    if kind == "sum":
+        return jax.lax.psum(total, axis_name)
+    return jax.lax.pmax(total, axis_name)
+
+
+def _spec_axes(spec: PartitionSpec) -> tuple[str, ...]:
+    """The mesh axes a partition spec shards over, in order of appearance."""
+    axes: list[str] = []
+    for entry in spec:
+        if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+            continue
+        names = entry if isinstance(entry, tuple) else (entry,)
+        axes.extend(str(name) for name in names)
+    return tuple(axes)
+
+
+def _explicit_layout(
+    parts: Sequence[jax.Array],
+) -> tuple[AbstractMesh, list[PartitionSpec], tuple[str, ...]] | None:
+    """The common Explicit mesh, each part's spec, and the axes any part uses.
+
+    A part whose type carries no mesh (e.g. a constant made inside ``jit``)
+    is replicated. ``None`` when the fast path does not apply: a part without
+    a :class:`NamedSharding`, parts on different meshes, a mesh with an axis
+    that is not ``Explicit`` (``Auto``, or ``Manual`` inside a ``shard_map``),
+    ``reduced``/``unreduced`` specs, or no part sharded at all (then no
+    collective is needed).
+    """
+    mesh: AbstractMesh | None = None
+    specs: list[PartitionSpec] = []
+    for part in parts:
+        sharding = getattr(jax.typeof(part), "sharding", None)
+        if not isinstance(sharding, NamedSharding):
+            return None
+        spec = sharding.spec
+        if spec.unreduced or spec.reduced:
+            return None
+        if sharding.mesh.empty:
+            specs.append(PartitionSpec())
+            continue
+        abstract = sharding.mesh.abstract_mesh
+        if mesh is None:
+            mesh = abstract
+        elif abstract != mesh:
+            return None
+        specs.append(spec)
+    if mesh is None or any(t != AxisType.Explicit for t in mesh.axis_types):
+        return None
+    used = {axis for spec in specs for axis in _spec_axes(spec)}
+    if not used:
+        return None
+    axes = tuple(name for name in mesh.axis_names if name in used)
+    return mesh, specs, axes
+
+
+def _owner_mask(skip_axes: Sequence[str]) -> jax.Array:
+    """True on the devices at index 0 of every axis in ``skip_axes``."""
+    mask = jnp.array(True)
+    for axis in skip_axes:
+        mask = mask & (jax.lax.axis_index(axis) == 0)
+    return mask
+
+
+def _local_partial(
+    parts: Sequence[jax.Array],
+    *,
+    kind: str,
+    dtype: np.dtype,
+    skip: Sequence[tuple[str, ...]],
+    axes: tuple[str, ...],
+) -> jax.Array:
+    """Per-device body of the fast path: local totals, one collective."""
+    totals = []
+    for part, skip_axes in zip(parts, skip, strict=True):
+        total = _leaf_total(part, kind, dtype)
+        if kind == "sum" and skip_axes:
+            # The leaf is replicated over ``skip_axes``: count one copy.
+            # (A max is idempotent, so copies do no harm there.)
+            total = jnp.where(_owner_mask(skip_axes), total, jnp.zeros((), dtype))
+        totals.append(total)
+    return _collective(_combine(totals, kind, dtype), kind, axes)
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "dtype", "mesh", "specs", "axes"))
+def _reduce_on_mesh(
+    parts: list[jax.Array],
+    *,
+    kind: str,
+    dtype: np.dtype,
+    mesh: AbstractMesh,
+    specs: tuple[PartitionSpec, ...],
+    axes: tuple[str, ...],
+) -> jax.Array:
+    """One ``shard_map`` over ``mesh``: each device adds its local totals.
+
+    Under ``jit`` (here always: an abstract mesh needs traced inputs), so it
+    also works on concrete arrays and under eager ``grad``/``vmap``.
+    """
+    skip = [tuple(a for a in axes if a not in _spec_axes(spec)) for spec in specs]
+    body = functools.partial(
+        _local_partial, kind=kind, dtype=dtype, skip=skip, axes=axes
+    )
+    mapped = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(list(specs),),
+        out_specs=PartitionSpec(),
+        axis_names=frozenset(axes),
+    )
+    return mapped(parts)
+
+
 def reduce_to_scalar(
     parts: Sequence[jax.Array], kind: str, dtype: np.dtype, axis_name: Any = None
 ) -> jax.Array:
     """Sum (``kind="sum"``) or max (``kind="max"``) of all elements of ``parts``.
+
+    With ``axis_name`` (inside ``shard_map``/``pmap``), the local total is
+    combined across that axis with one ``psum``/``pmax``. Without it, when
+    the parts are sharded on one mesh whose axes are all ``Explicit``, the
+    result costs a single all-reduce of one scalar over the mesh axes the
+    parts are sharded on (see the module docstring); otherwise XLA inserts
+    the collectives.
 
     Args:
       parts: arrays of elementwise values, each already in an accumulation
@@ -42,15 +185,19 @@ def reduce_to_scalar(
     Returns:
       A scalar of ``dtype``.
     """
-    totals = [_leaf_total(p, kind, dtype) for p in parts]
-    if not totals:
-        total = jnp.zeros((), dtype)
-    elif kind == "sum":
-        total = sum(totals[1:], start=totals[0])
-    else:
-        total = jnp.max(jnp.stack(totals))
+    if axis_name is None:
+        layout = _explicit_layout(parts)
+        if layout is not None:
+            mesh, specs, axes = layout
+            return _reduce_on_mesh(
+                list(parts),
+                kind=kind,
+                dtype=np.dtype(dtype),
+                mesh=mesh,
+                specs=tuple(specs),
+                axes=axes,
+            )
+    total = _combine([_leaf_total(p, kind, dtype) for p in parts], kind, dtype)
     if axis_name is None:
         return total
-    if kind == "sum":
-        return jax.lax.psum(total, axis_name)
-    return jax.lax.pmax(total, axis_name)
+    return _collective(total, kind, axis_name)

@@ -1,0 +1,564 @@
+"""Runs every 8-device check of ``tests/test_distributed.py`` in one process.
+
+Started by the test module as ``python single_host.py OUT.json`` with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` in its environment
+(set by the parent, so importing this module elsewhere is harmless). It
+writes one JSON object of measurements; the pytest functions assert on it.
+Each case records its own exception text instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import norm_optax as nox
+
+Tree = dict[str, Any]
+
+# ---------------------------------------------------------------------------
+# A small GPT: embedding (vocab, d), per-layer attention and MLP kernels,
+# biases and layer-norm scales. Vocabulary 50 and context 10 divide neither 8
+# nor 4, so those axes stay unsharded (the leaf is sharded on another axis or
+# replicated).
+# ---------------------------------------------------------------------------
+
+VOCAB, CONTEXT, D, HIDDEN, LAYERS = 50, 10, 16, 64, 1
+
+SHAPES: dict[str, tuple[int, ...]] = {"wte": (VOCAB, D), "wpe": (CONTEXT, D)}
+for _i in range(LAYERS):
+    SHAPES |= {
+        f"h{_i}/ln1/scale": (D,),
+        f"h{_i}/attn/qkv/kernel": (D, 3 * D),
+        f"h{_i}/attn/qkv/bias": (3 * D,),
+        f"h{_i}/attn/out/kernel": (D, D),
+        f"h{_i}/attn/out/bias": (D,),
+        f"h{_i}/ln2/scale": (D,),
+        f"h{_i}/mlp/fc/kernel": (D, HIDDEN),
+        f"h{_i}/mlp/fc/bias": (HIDDEN,),
+        f"h{_i}/mlp/proj/kernel": (HIDDEN, D),
+        f"h{_i}/mlp/proj/bias": (D,),
+    }
+SHAPES |= {"ln_f/scale": (D,), "head/bias": (VOCAB,)}
+
+
+def fsdp_spec(name: str, shape: tuple[int, ...]) -> P:
+    """1-D mesh ``fsdp`` (8): shard the first axis that 8 divides, if any."""
+    if name.endswith("scale"):
+        return P(*([None] * len(shape)))  # norm scales replicated
+    for axis, size in enumerate(shape):
+        if size % 8 == 0:
+            return P(*([None] * axis), "fsdp", *([None] * (len(shape) - axis - 1)))
+    return P(*([None] * len(shape)))  # head/bias (50,): replicated
+
+
+def mesh2d_spec(name: str, shape: tuple[int, ...]) -> P:
+    """2-D mesh ``data`` (4) x ``model`` (2): Megatron-style plus FSDP."""
+    if name == "wte":  # (50, 16): vocab divides neither; d over both axes
+        return P(None, ("data", "model"))
+    if name == "wpe":  # (10, 16)
+        return P(None, "data")
+    if name.endswith(("qkv/kernel", "fc/kernel")):
+        return P("data", "model")  # column-parallel
+    if name.endswith(("out/kernel", "proj/kernel")):
+        return P("model", "data")  # row-parallel
+    if name.endswith(("qkv/bias", "fc/bias")):
+        return P("model")
+    if name.endswith("out/bias"):
+        return P("data")
+    if name == "head/bias":  # (50,): 4 does not divide it, 2 does
+        return P("model")
+    return P(None)  # layer-norm scales and the remaining biases: replicated
+
+
+SPECS: dict[str, Callable[[str, tuple[int, ...]], P]] = {
+    "fsdp": fsdp_spec,
+    "2d": mesh2d_spec,
+}
+
+
+def make_mesh(kind: str, axis_type: jax.sharding.AxisType) -> Mesh:
+    if kind == "fsdp":
+        shape: tuple[int, ...] = (8,)
+        names: tuple[str, ...] = ("fsdp",)
+    else:
+        shape, names = (4, 2), ("data", "model")
+    devices = np.array(jax.devices()[:8]).reshape(shape)
+    return Mesh(devices, names, axis_types=(axis_type,) * len(names))
+
+
+def make_trees() -> tuple[Tree, Tree]:
+    rng = np.random.default_rng(0)
+    grads = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in SHAPES.items()}
+    params = {
+        k: jnp.asarray(0.2 * rng.normal(size=s), jnp.float32) for k, s in SHAPES.items()
+    }
+    return grads, params
+
+
+def shardings(mesh: Mesh, kind: str) -> Tree:
+    spec = SPECS[kind]
+    return {k: NamedSharding(mesh, spec(k, s)) for k, s in SHAPES.items()}
+
+
+# ---------------------------------------------------------------------------
+# Transforms of API.md section 2 (and 5, if present), with the arguments they
+# are tested with. Only names found in ``nox.__all__`` are run.
+# ---------------------------------------------------------------------------
+
+TRANSFORMS: dict[str, Callable[[], optax.GradientTransformation]] = {
+    "clip_by_value": lambda: nox.clip_by_value(0.5),
+    "clip_by_norm": lambda: nox.clip_by_norm(1.0),
+    "clip_by_global_norm": lambda: nox.clip_by_global_norm(1.0),
+    "normalize_by_global_norm": lambda: nox.normalize_by_global_norm(1.0),
+    "adaptive_clip": lambda: nox.adaptive_clip(0.05),
+    "clip_weights": lambda: nox.clip_weights(0.1),
+    "non_negative": lambda: nox.non_negative(),
+    "max_norm": lambda: nox.max_norm(0.5),
+    "unit_norm": lambda: nox.unit_norm(),
+    "min_max_norm": lambda: nox.min_max_norm(0.8, 1.2),
+    "project_l2_ball": lambda: nox.project_l2_ball(1.0),
+    "project_l1_ball": lambda: nox.project_l1_ball(10.0),
+    "project_linf_ball": lambda: nox.project_linf_ball(0.1),
+    "add_l2_decay": lambda: nox.add_l2_decay(0.1),
+    "add_l1_decay": lambda: nox.add_l1_decay(0.1),
+    "prox_l1": lambda: nox.prox_l1(0.1, 0.5),
+}
+SECTION_2 = frozenset(TRANSFORMS)
+AUTO_SUBSET = frozenset(
+    {
+        "clip_by_value",
+        "clip_by_norm",
+        "clip_by_global_norm",
+        "normalize_by_global_norm",
+        "adaptive_clip",
+        "max_norm",
+        "project_l2_ball",
+        "project_l1_ball",
+        "add_l2_decay",
+        "prox_l1",
+    }
+)
+TRANSFORMS |= {
+    # Section 5, stateful: only the updates are compared.
+    "record_norms": lambda: nox.record_norms(nox.clip_by_global_norm(1.0)),
+    "autoclip": lambda: nox.autoclip(),
+    "zclip": lambda: nox.zclip(),
+    "skip_on_spike": lambda: nox.skip_on_spike(optax.identity()),
+}
+# Extra variants of the transforms that use a global norm.
+VARIANTS: dict[str, tuple[str, Callable[[], optax.GradientTransformation]]] = {
+    "clip_by_global_norm[inject]": (
+        "clip_by_global_norm",
+        lambda: optax.inject_hyperparams(nox.clip_by_global_norm)(max_norm=1.0),
+    ),
+}
+
+
+def available() -> dict[str, Callable[[], optax.GradientTransformation]]:
+    found = {n: f for n, f in TRANSFORMS.items() if n in nox.__all__}
+    for name, (base, factory) in VARIANTS.items():
+        if base in nox.__all__:
+            found[name] = factory
+    return found
+
+
+def apply_once(tx: optax.GradientTransformation, updates: Tree) -> Tree:
+    """``tx`` applied to ``updates`` from a fresh state, without params."""
+    out, _ = tx.update(updates, tx.init(updates))
+    return out
+
+
+def update_fn(tx: optax.GradientTransformation) -> Callable[[Tree, Tree], Tree]:
+    def step(grads: Tree, params: Tree) -> Tree:
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return updates
+
+    return step
+
+
+# ---------------------------------------------------------------------------
+# Measurements.
+# ---------------------------------------------------------------------------
+
+
+def collectives(hlo: str) -> dict[str, int]:
+    """Collective ops in compiled HLO text; a tuple all-reduce counts once."""
+    ops = {
+        "all_reduce": r"all-reduce(?:-start)?\(",
+        "all_gather": r"all-gather(?:-start)?\(",
+        "all_to_all": r"all-to-all\(",
+        "reduce_scatter": r"reduce-scatter\(",
+        "collective_permute": r"collective-permute(?:-start)?\(",
+    }
+    return {
+        name: len(re.findall(rf"\s{pattern}", hlo)) for name, pattern in ops.items()
+    }
+
+
+RTOL = ATOL = 1e-6
+
+
+def max_rel_err(out: Any, ref: Any) -> float:
+    """``max |out - ref| / (ATOL + RTOL |ref|)``: at most 1 when all close."""
+    worst = 0.0
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a64.shape != b64.shape:
+            return float("inf")
+        err = np.abs(a64 - b64) / (ATOL + RTOL * np.abs(b64))
+        worst = max(worst, float(np.max(err, initial=0.0)))
+    return worst if math.isfinite(worst) else float("inf")
+
+
+def sharding_mismatches(out: Tree, arg: Tree, *, explicit: bool) -> list[str]:
+    """Leaves whose output sharding differs from the input's."""
+    bad = []
+    for key in arg:
+        a, o = arg[key], out[key]
+        if o.dtype != a.dtype or o.shape != a.shape:
+            bad.append(f"{key}: {o.dtype}{o.shape} != {a.dtype}{a.shape}")
+        elif not o.sharding.is_equivalent_to(a.sharding, a.ndim):
+            bad.append(f"{key}: {o.sharding} != {a.sharding}")
+        elif explicit and jax.typeof(o).sharding.spec != jax.typeof(a).sharding.spec:
+            bad.append(f"{key}: {jax.typeof(o)} != {jax.typeof(a)}")
+    return bad
+
+
+def traced_sharding_mismatches(
+    step: Callable[[Tree, Tree], Tree], grads: Tree, params: Tree
+) -> list[str]:
+    """Inside ``jit``: ``jax.typeof(out).sharding == jax.typeof(in).sharding``."""
+    bad: list[str] = []
+
+    def check(g: Tree, p: Tree) -> Tree:
+        out = step(g, p)
+        for key in g:
+            if jax.typeof(out[key]).sharding != jax.typeof(g[key]).sharding:
+                bad.append(f"{key}: {jax.typeof(out[key])} != {jax.typeof(g[key])}")
+        return out
+
+    jax.jit(check).trace(grads, params)
+    return bad
+
+
+def run_case(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return fn()
+    except Exception:
+        return {"error": traceback.format_exc(limit=4)[-3000:]}
+
+
+_REFERENCES: dict[str, Any] = {}
+
+
+def reference(key: str, compute: Callable[[], Any]) -> Any:
+    """The unsharded result for ``key``, computed once for all meshes."""
+    if key not in _REFERENCES:
+        _REFERENCES[key] = compute()
+    return _REFERENCES[key]
+
+
+def timed(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    start = time.perf_counter()
+    out = run_case(fn)
+    out["seconds"] = round(time.perf_counter() - start, 3)
+    return out
+
+
+def mesh_results(
+    kind: str, axis_type: jax.sharding.AxisType, names: list[str]
+) -> dict[str, Any]:
+    """The GSPMD cases on one mesh (``fsdp`` or ``2d``) of one axis type."""
+    grads, params = make_trees()
+    explicit = axis_type == jax.sharding.AxisType.Explicit
+    mesh = make_mesh(kind, axis_type)
+    shard = shardings(mesh, kind)
+    sgrads, sparams = jax.device_put(grads, shard), jax.device_put(params, shard)
+
+    def compiled(f: Callable[..., Any], *args: Tree) -> Any:
+        """``f`` compiled for sharded ``args`` (Explicit: from their types)."""
+        in_shardings = None
+        if not explicit:
+            in_shardings = tuple(jax.tree.map(lambda x: x.sharding, a) for a in args)
+        return jax.jit(f, in_shardings=in_shardings).lower(*args).compile()
+
+    def norm_case(ord: Any) -> dict[str, Any]:
+        def f(g: Tree) -> jax.Array:
+            return nox.global_norm(g, ord)
+
+        exe = compiled(f, sgrads)
+        got = float(exe(sgrads))
+        want = float(reference(f"global_norm[{ord}]", lambda: f(grads)))
+        return {"rel_err": max_rel_err(got, want), **collectives(exe.as_text())}
+
+    def grad_case() -> dict[str, Any]:
+        f = jax.grad(nox.global_norm)
+        exe = compiled(f, sgrads)
+        got = exe(sgrads)
+        zero = exe(jax.tree.map(jnp.zeros_like, sgrads))
+        return {
+            "rel_err": max_rel_err(got, reference("grad", lambda: f(grads))),
+            "zero_at_zero": all(bool(jnp.all(z == 0)) for z in jax.tree.leaves(zero)),
+            "sharding": sharding_mismatches(got, sgrads, explicit=explicit),
+            **collectives(exe.as_text()),
+        }
+
+    def vmap_case() -> dict[str, Any]:
+        batched = jax.tree.map(lambda x: jnp.stack([x, -2 * x]), grads)
+        bshard = {k: NamedSharding(mesh, P(None, *s.spec)) for k, s in shard.items()}
+        sbatched = jax.device_put(batched, bshard)
+        f = jax.vmap(nox.global_norm)
+        got = compiled(f, sbatched)(sbatched)
+        return {"rel_err": max_rel_err(got, reference("vmap", lambda: f(batched)))}
+
+    def transform_case(name: str) -> dict[str, Any]:
+        """One transform compiled alone: values, shardings, collectives."""
+        step = update_fn(available()[name]())
+        exe = compiled(step, sgrads, sparams)
+        got = exe(sgrads, sparams)
+        want = reference(name, lambda: jax.jit(step)(grads, params))
+        out: dict[str, Any] = {
+            "rel_err": max_rel_err(got, want),
+            "sharding": sharding_mismatches(got, sgrads, explicit=explicit),
+            **collectives(exe.as_text()),
+        }
+        if explicit:
+            out["traced_sharding"] = traced_sharding_mismatches(step, sgrads, sparams)
+        return out
+
+    def batch_cases(batch: list[str]) -> dict[str, dict[str, Any]]:
+        """Transforms compiled together (one compilation): values, shardings."""
+        out: dict[str, dict[str, Any]] = {}
+        steps = {}
+        for name in batch:  # trace each alone first, so one failure stays local
+            out[name] = {}
+            try:
+                step = update_fn(available()[name]())
+                if explicit:
+                    out[name]["traced_sharding"] = traced_sharding_mismatches(
+                        step, sgrads, sparams
+                    )
+                else:
+                    compiled_trace(step, sgrads, sparams)
+                steps[name] = step
+            except Exception:
+                out[name]["error"] = traceback.format_exc(limit=4)[-3000:]
+
+        def together(g: Tree, p: Tree) -> dict[str, Tree]:
+            return {name: step(g, p) for name, step in steps.items()}
+
+        key = "batch:" + ",".join(steps)
+        want = reference(key, lambda: jax.jit(together)(grads, params))
+        got = compiled(together, sgrads, sparams)(sgrads, sparams)
+        for name in steps:
+            out[name]["rel_err"] = max_rel_err(got[name], want[name])
+            out[name]["sharding"] = sharding_mismatches(
+                got[name], sgrads, explicit=explicit
+            )
+        return out
+
+    def compiled_trace(f: Callable[..., Any], *args: Tree) -> None:
+        in_shardings = tuple(jax.tree.map(lambda x: x.sharding, a) for a in args)
+        jax.jit(f, in_shardings=in_shardings).trace(*args)
+
+    results = {
+        f"global_norm[ord={o}]": timed(functools.partial(norm_case, o)) for o in ORDS
+    }
+    results["grad(global_norm)"] = timed(grad_case)
+    results["vmap(global_norm)"] = timed(vmap_case)
+    for name in names:
+        if name in ALONE:
+            results[name] = timed(functools.partial(transform_case, name))
+    batch = [name for name in names if name not in ALONE]
+    start = time.perf_counter()
+    try:
+        results |= batch_cases(batch)
+    except Exception:
+        error = traceback.format_exc(limit=4)[-3000:]
+        results |= {name: {"error": error} for name in batch}
+    results["batch_seconds"] = {"seconds": round(time.perf_counter() - start, 3)}
+    return results
+
+
+# Transforms whose HLO is inspected (they compute a global norm): compiled
+# one by one. The others are compiled together, to save time.
+ALONE = frozenset(
+    {
+        "clip_by_global_norm",
+        "clip_by_global_norm[inject]",
+        "normalize_by_global_norm",
+        "project_l2_ball",
+    }
+)
+
+
+ORDS: tuple[Any, ...] = (1, 2, "inf")
+
+
+def gspmd_results(axis_type: jax.sharding.AxisType) -> dict[str, Any]:
+    names = sorted(available())
+    if axis_type != jax.sharding.AxisType.Explicit:
+        # Auto: one transform of each kind (fewer compilations).
+        names = [n for n in names if n in AUTO_SUBSET]
+    results = {}
+    for kind in SPECS:
+        if kind == "2d" and axis_type == jax.sharding.AxisType.Explicit:
+            # The usual Explicit-mode setup: a mesh context (``fsdp`` runs
+            # without one: the shardings of the arguments are enough).
+            with jax.set_mesh(make_mesh(kind, axis_type)):
+                results[kind] = mesh_results(kind, axis_type, names)
+        else:
+            results[kind] = mesh_results(kind, axis_type, names)
+    return results
+
+
+# ---------------------------------------------------------------------------
+# axis_name inside shard_map and pmap: a gradient split over 4 devices.
+# ---------------------------------------------------------------------------
+
+
+def axis_name_results() -> dict[str, Any]:
+    rng = np.random.default_rng(1)
+    grads = {
+        "w": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
+    }
+    mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4])
+    spec = P("x")
+    results: dict[str, Any] = {}
+    cotangent = jax.tree.map(
+        lambda x: jnp.cos(jnp.arange(x.size, dtype=x.dtype)).reshape(x.shape), grads
+    )
+
+    def transforms(axis_name: Any) -> dict[str, Callable[[Tree], Any]]:
+        found: dict[str, Callable[[Tree], Any]] = {
+            "global_norm": lambda g: nox.global_norm(g, axis_name=axis_name),
+            "global_norm[ord=1]": lambda g: nox.global_norm(g, 1, axis_name=axis_name),
+            "global_norm[ord=inf]": lambda g: nox.global_norm(
+                g, "inf", axis_name=axis_name
+            ),
+        }
+        makers: dict[str, Callable[..., optax.GradientTransformation]] = {
+            "clip_by_global_norm": lambda **kw: nox.clip_by_global_norm(1.0, **kw),
+            "normalize_by_global_norm": lambda **kw: nox.normalize_by_global_norm(
+                1.0, **kw
+            ),
+            "clip_by_norm": lambda **kw: nox.clip_by_norm(1.0, **kw),
+        }
+        for name, make in makers.items():
+            try:
+                tx = make(axis_name=axis_name)
+            except TypeError:  # no axis_name argument
+                continue
+            found[name] = functools.partial(apply_once, tx)
+        return found
+
+    reference = transforms(None)
+    sgrads = jax.device_put(grads, NamedSharding(mesh, spec))
+
+    def shard_map_case(name: str, f: Callable[[Tree], Any]) -> dict[str, Any]:
+        is_norm = name.startswith("global_norm")
+        mapped = jax.jit(
+            jax.shard_map(
+                f, mesh=mesh, in_specs=(spec,), out_specs=P() if is_norm else spec
+            )
+        )
+        got, want = mapped(sgrads), reference[name](grads)
+        out: dict[str, Any] = {"rel_err": max_rel_err(got, want)}
+        if not is_norm:
+            out["norm"] = float(nox.global_norm(got))
+
+            def loss(g: Tree, fn: Callable[[Tree], Any]) -> jax.Array:
+                return (
+                    nox.global_norm(jax.tree.map(jnp.multiply, fn(g), cotangent)) ** 2
+                )
+
+            got_grad = jax.jit(jax.grad(loss), static_argnums=1)(sgrads, mapped)
+            want_grad = jax.grad(loss)(grads, reference[name])
+            zero = jax.tree.map(jnp.zeros_like, sgrads)
+            zero_grad = jax.jit(jax.grad(loss), static_argnums=1)(zero, mapped)
+            out["grad_rel_err"] = max_rel_err(got_grad, want_grad)
+            out["grad_finite_at_zero"] = all(
+                bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(zero_grad)
+            )
+        return out
+
+    def pmap_case(name: str, f: Callable[[Tree], Any]) -> dict[str, Any]:
+        split = jax.tree.map(lambda x: x.reshape(4, -1, *x.shape[1:]), grads)
+        got = jax.pmap(f, axis_name="x", devices=jax.devices()[:4])(split)
+        want = reference[name](grads)
+        if name.startswith("global_norm"):
+            return {"rel_err": max_rel_err(np.asarray(got), np.full(4, want))}
+        merged = jax.tree.map(lambda x, g: x.reshape(g.shape), got, grads)
+
+        def loss(g: Tree) -> jax.Array:
+            out = jax.pmap(f, axis_name="x", devices=jax.devices()[:4])(g)
+            return jnp.sum(jax.tree.map(lambda a: jnp.sum(jnp.square(a)), out)["w"])
+
+        grad = jax.grad(loss)(split)
+        zero_grad = jax.grad(loss)(jax.tree.map(jnp.zeros_like, split))
+        return {
+            "rel_err": max_rel_err(merged, want),
+            "norm": float(nox.global_norm(merged)),
+            "grad_finite": all(
+                bool(jnp.all(jnp.isfinite(x)))
+                for x in jax.tree.leaves((grad, zero_grad))
+            ),
+        }
+
+    for name, f in transforms("x").items():
+        results[f"shard_map/{name}"] = run_case(
+            functools.partial(shard_map_case, name, f)
+        )
+        results[f"pmap/{name}"] = run_case(functools.partial(pmap_case, name, f))
+
+    def optax_baseline() -> dict[str, Any]:
+        tx = optax.clip_by_global_norm(1.0)
+        mapped = jax.shard_map(
+            lambda g: tx.update(g, tx.init(g))[0],
+            mesh=mesh,
+            in_specs=(spec,),
+            out_specs=spec,
+        )
+        return {"norm": float(nox.global_norm(mapped(sgrads)))}
+
+    results["shard_map/optax.clip_by_global_norm"] = run_case(optax_baseline)
+    return results
+
+
+def main(path: str) -> None:
+    results: dict[str, Any] = {
+        "devices": len(jax.devices()),
+        "transforms": sorted(available()),
+    }
+    seconds = {}
+    for key, fn in [
+        ("explicit", lambda: gspmd_results(jax.sharding.AxisType.Explicit)),
+        ("auto", lambda: gspmd_results(jax.sharding.AxisType.Auto)),
+        ("axis_name", axis_name_results),
+    ]:
+        start = time.perf_counter()
+        results[key] = run_case(fn)
+        seconds[key] = time.perf_counter() - start
+    results["seconds"] = seconds
+    with open(path, "w") as file:
+        json.dump(results, file, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,267 @@
+"""Distributed use (API.md section 4) on emulated CPU devices.
+
+The 8-device checks run in ONE subprocess (``tests/distributed/single_host.py``,
+with ``--xla_force_host_platform_device_count=8``), which measures every case
+and writes JSON; the tests here assert on it. Covered:
+
+* GSPMD with a 1-D FSDP mesh (8) and a 2-D data (4) x model (2) mesh, both
+  with ``Explicit`` axes (:func:`jax.make_mesh`'s default) and with ``Auto``
+  axes (``jax.jit(in_shardings=...)``), on a small GPT whose leaves are
+  sharded along different mesh axes or replicated: every transform gives the
+  unsharded numbers (``rtol = atol = 1e-6``) and keeps each leaf's sharding;
+  the compiled HLO of a global norm holds one all-reduce and no all-gather
+  (Explicit axes);
+* ``axis_name`` inside ``jax.shard_map`` and ``jax.pmap``, gradients included;
+* two processes joined by ``jax.distributed`` over gloo (4 devices each).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+HERE = Path(__file__).parent / "distributed"
+TIMEOUT_S = 600  # the single-host worker; ~1-2 minutes on 2 busy cores
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+single_host = _load("single_host")
+multi_process = _load("multi_process")
+
+MESHES = ("fsdp", "2d")
+# Known defects in transforms owned elsewhere: marked, not hidden.
+KNOWN: dict[tuple[str, str, str], str] = {
+    ("explicit", "2d", "skip_on_spike"): "lax.cond branches differ in sharding "
+    "(zeros without the leaf's sharding) under jax.set_mesh",
+}
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("JAX_ENABLE_X64", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("distributed") / "single_host.json"
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "single_host.py"), str(out)],
+        env=_env(8),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+def _case(results: dict[str, Any], *path: str) -> dict[str, Any]:
+    """One measured case; fails with the worker's traceback if it raised."""
+    node: Any = results
+    for key in path:
+        assert "error" not in node, node["error"]
+        node = node[key]
+    assert "error" not in node, node["error"]
+    return node
+
+
+def _transform_params() -> list[Any]:
+    params = []
+    for mode in ("explicit", "auto"):
+        for mesh in MESHES:
+            names = sorted(single_host.TRANSFORMS) + sorted(single_host.VARIANTS)
+            for name in names:
+                if mode == "auto" and name not in single_host.AUTO_SUBSET:
+                    continue
+                reason = KNOWN.get((mode, mesh, name))
+                marks = [pytest.mark.xfail(reason=reason)] if reason else []
+                params.append(pytest.param(mode, mesh, name, marks=marks))
+    return params
+
+
+def test_eight_devices(results: dict[str, Any]) -> None:
+    assert results["devices"] == 8
+
+
+@pytest.mark.parametrize(("mode", "mesh", "name"), _transform_params())
+def test_transform_matches_unsharded_and_keeps_sharding(
+    results: dict[str, Any], mode: str, mesh: str, name: str
+) -> None:
+    if name not in results["transforms"]:
+        pytest.skip(f"{name} is not in norm_optax.__all__ yet")
+    case = _case(results, mode, mesh, name)
+    assert case["rel_err"] <= 1.0  # allclose(rtol=1e-6, atol=1e-6)
+    assert case["sharding"] == []
+    assert case.get("traced_sharding", []) == []
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("ord", ["1", "2", "inf"])
+def test_global_norm_is_one_all_reduce(
+    results: dict[str, Any], mesh: str, ord: str
+) -> None:
+    case = _case(results, "explicit", mesh, f"global_norm[ord={ord}]")
+    assert case["rel_err"] <= 1.0
+    assert case["all_reduce"] == 1
+    assert case["all_gather"] == 0
+    assert case["all_to_all"] == case["collective_permute"] == 0
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize(
+    "name", ["clip_by_global_norm", "normalize_by_global_norm", "project_l2_ball"]
+)
+def test_global_norm_transforms_are_one_all_reduce(
+    results: dict[str, Any], mesh: str, name: str
+) -> None:
+    if name not in results["transforms"]:
+        pytest.skip(f"{name} is not in norm_optax.__all__ yet")
+    case = _case(results, "explicit", mesh, name)
+    assert case["all_reduce"] == 1
+    assert case["all_gather"] == 0
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_traced_ord_runs_one_all_reduce_per_branch(
+    results: dict[str, Any], mesh: str
+) -> None:
+    # inject_hyperparams traces ``ord``: lax.switch over ord 1, 2, inf, each
+    # branch with its own all-reduce; only the chosen one runs.
+    case = _case(results, "explicit", mesh, "clip_by_global_norm[inject]")
+    assert case["rel_err"] <= 1.0
+    assert case["all_reduce"] == 3
+    assert case["all_gather"] == 0
+
+
+@pytest.mark.parametrize("mode", ["explicit", "auto"])
+@pytest.mark.parametrize("mesh", MESHES)
+def test_grad_and_vmap_of_global_norm(
+    results: dict[str, Any], mode: str, mesh: str
+) -> None:
+    grad = _case(results, mode, mesh, "grad(global_norm)")
+    assert grad["rel_err"] <= 1.0
+    assert grad["zero_at_zero"]
+    assert grad["sharding"] == []
+    assert grad["all_gather"] == 0
+    assert _case(results, mode, mesh, "vmap(global_norm)")["rel_err"] <= 1.0
+
+
+def test_auto_axes_all_reduce_counts(results: dict[str, Any]) -> None:
+    # Auto axes: the shardings are unknown at trace time, XLA reduces each
+    # leaf over its own mesh axes. One all-reduce on the FSDP mesh, several
+    # on the 2-D mesh (where Explicit axes give one); never an all-gather.
+    for name in ("global_norm[ord=2]", "clip_by_global_norm"):
+        fsdp = _case(results, "auto", "fsdp", name)
+        mesh2d = _case(results, "auto", "2d", name)
+        assert fsdp["all_reduce"] == 1
+        assert mesh2d["all_reduce"] > 1
+        assert fsdp["all_gather"] == mesh2d["all_gather"] == 0
+
+
+AXIS_NAME_CASES = [
+    "global_norm",
+    "global_norm[ord=1]",
+    "global_norm[ord=inf]",
+    "clip_by_global_norm",
+    "normalize_by_global_norm",
+    "clip_by_norm",
+]
+
+
+@pytest.mark.parametrize("mapper", ["shard_map", "pmap"])
+@pytest.mark.parametrize("name", AXIS_NAME_CASES)
+def test_axis_name(results: dict[str, Any], mapper: str, name: str) -> None:
+    key = f"{mapper}/{name}"
+    if key not in _case(results, "axis_name"):
+        pytest.skip(f"{name} takes no axis_name")
+    case = _case(results, "axis_name", key)
+    assert case["rel_err"] <= 1.0  # equal to the unsplit gradient's result
+    if name.startswith(("clip_by_global_norm", "normalize")):
+        np.testing.assert_allclose(case["norm"], 1.0, rtol=1e-6)
+    if mapper == "shard_map" and "grad_rel_err" in case:
+        assert case["grad_rel_err"] <= 1.0
+        assert case["grad_finite_at_zero"]
+    if mapper == "pmap" and "grad_finite" in case:
+        assert case["grad_finite"]
+
+
+def test_optax_without_axis_name_clips_each_shard(results: dict[str, Any]) -> None:
+    # The baseline the axis_name fixes: 4 shards each clipped to norm 1.
+    case = _case(results, "axis_name", "shard_map/optax.clip_by_global_norm")
+    np.testing.assert_allclose(case["norm"], 2.0, rtol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.standard_promotion
+def test_two_processes_match_one(tmp_path: Path) -> None:
+    port = _free_port()
+    outs = [tmp_path / f"process{i}.npz" for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "multi_process.py"),
+                str(i),
+                str(port),
+                str(out),
+            ],
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i, out in enumerate(outs)
+    ]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=120)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.returncode == 0, log[-5000:]
+
+    grads, params = multi_process.global_trees()
+    tx = multi_process.transform()
+    want, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    for out in outs:
+        got = np.load(out)
+        assert bool(got["same_sharding"])
+        updates = {k: got[f"updates/{k}"] for k in want}
+        chex.assert_trees_all_close(updates, want, rtol=1e-6, atol=1e-7)
+        norm = np.sqrt(
+            sum(np.sum(np.square(g, dtype=np.float64)) for g in grads.values())
+        )
+        np.testing.assert_allclose(got["norm"], norm, rtol=1e-6)
