@@ -329,7 +329,7 @@ def plot(results: Sequence[ConstraintResult]) -> Figure:
             r.unit_norms, bins=bins, histtype="step", lw=1.4, color=line.get_color()
         )
     ax_acc.set(xlabel="step", ylabel="test accuracy", title="Test accuracy")
-    ax_acc.legend(fontsize=8)
+    fig.legend(loc="outside right center", fontsize=8)
     ax_hist.set(
         xlabel="unit L2 norm (per output channel / feature)",
         ylabel="number of units",

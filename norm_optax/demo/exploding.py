@@ -10,8 +10,10 @@ is too large for it hits the "cliffs" of Pascanu et al. (2013): the gradient
 norm jumps by orders of magnitude and, unclipped, the weights blow up and
 the loss becomes non-finite. Every run here starts from the same weights and
 sees the same batches; only the clipping transform placed before the
-optimizer changes. The gradient norm we log is the *pre-clip* norm of the
-raw gradients, :func:`norm_optax.global_norm`.
+optimizer changes. Each clipping transform is wrapped in
+:func:`norm_optax.record_norms`, whose state holds the *pre-clip* norm of the
+raw gradients (``input_norm``) and the norm after clipping (``output_norm``),
+read with ``optax.tree.get``.
 
 Only jax, optax and numpy are needed to train; :func:`plot` needs matplotlib.
 """
@@ -37,10 +39,13 @@ __all__ = [
     "RNNConfig",
     "RunResult",
     "adding_problem",
+    "clip_table",
     "clippers",
     "format_table",
     "init_rnn",
+    "optimizer",
     "plot",
+    "plot_clip_factors",
     "rnn_loss",
     "run_all",
     "train",
@@ -74,11 +79,12 @@ class RNNConfig:
 
 @dataclasses.dataclass
 class RunResult:
-    """Per-step loss and pre-clip gradient norm of one run."""
+    """Per-step loss, pre-clip and post-clip gradient norm of one run."""
 
     name: str
     loss: np.ndarray
     grad_norm: np.ndarray
+    clipped_norm: np.ndarray
     seconds: float
 
     @property
@@ -186,9 +192,9 @@ def clippers(
 def optimizer(
     clip: optax.GradientTransformation, config: RNNConfig
 ) -> optax.GradientTransformation:
-    """``clip`` placed before SGD with momentum."""
+    """``record_norms(clip)`` placed before SGD with momentum."""
     sgd = optax.sgd(config.learning_rate, momentum=config.momentum)
-    return optax.chain(clip, sgd)
+    return optax.chain(nox.record_norms(clip), sgd)
 
 
 def train(
@@ -199,39 +205,48 @@ def train(
     *,
     chunk: int,
     on_chunk: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Trains on every batch in ``xs, ys``; returns per-step loss and grad norm.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Trains on every batch in ``xs, ys``.
 
-    The steps run as a ``lax.scan`` inside one jitted call per ``chunk`` of
-    steps (so a progress bar can advance between calls).
+    ``tx`` must contain one :func:`norm_optax.record_norms` (as built by
+    :func:`optimizer`). The steps run as a ``lax.scan`` inside one jitted
+    call per ``chunk`` of steps (so a progress bar can advance between calls).
+
+    Returns:
+      Per-step loss, pre-clip gradient norm and post-clip gradient norm.
     """
+    Logs = tuple[jax.Array, jax.Array, jax.Array]
 
     def step(
         carry: tuple[Params, optax.OptState], batch: tuple[jax.Array, jax.Array]
-    ) -> tuple[tuple[Params, optax.OptState], tuple[jax.Array, jax.Array]]:
+    ) -> tuple[tuple[Params, optax.OptState], Logs]:
         p, state = carry
         loss, grads = jax.value_and_grad(rnn_loss)(p, *batch)
-        grad_norm = nox.global_norm(grads)  # pre-clip
         updates, state = tx.update(grads, state, p)
-        return (optax.apply_updates(p, updates), state), (loss, grad_norm)
+        logs = (
+            loss,
+            optax.tree.get(state, "input_norm"),  # pre-clip
+            optax.tree.get(state, "output_norm"),  # post-clip
+        )
+        return (optax.apply_updates(p, updates), state), logs
 
     @jax.jit
     def run_chunk(
         carry: tuple[Params, optax.OptState], xs: jax.Array, ys: jax.Array
-    ) -> tuple[tuple[Params, optax.OptState], tuple[jax.Array, jax.Array]]:
+    ) -> tuple[tuple[Params, optax.OptState], Logs]:
         return jax.lax.scan(step, carry, (xs, ys))
 
     carry = (params, tx.init(params))
-    losses, norms = [], []
+    chunks = []
     for start in range(0, xs.shape[0], chunk):
-        carry, (loss, norm) = run_chunk(
+        carry, logs = run_chunk(
             carry, xs[start : start + chunk], ys[start : start + chunk]
         )
-        losses.append(np.asarray(loss))
-        norms.append(np.asarray(norm))
+        chunks.append([np.asarray(x) for x in logs])
         if on_chunk is not None:
-            on_chunk(int(loss.shape[0]))
-    return np.concatenate(losses), np.concatenate(norms)
+            on_chunk(int(logs[0].shape[0]))
+    loss, raw, clipped = (np.concatenate([c[i] for c in chunks]) for i in range(3))
+    return loss, raw, clipped
 
 
 def run_all(
@@ -249,10 +264,11 @@ def run_all(
     for name, clip in clippers(config, names).items():
         tick = None if on_chunk is None else _bind(on_chunk, name)
         start = time.perf_counter()
-        loss, norm = train(
+        loss, raw, clipped = train(
             optimizer(clip, config), params, xs, ys, chunk=config.chunk, on_chunk=tick
         )
-        results.append(RunResult(name, loss, norm, time.perf_counter() - start))
+        seconds = time.perf_counter() - start
+        results.append(RunResult(name, loss, raw, clipped, seconds))
     return results
 
 
@@ -309,7 +325,8 @@ def plot(
             values = getattr(r, series)
             steps = np.arange(1, len(values) + 1)
             smooth = _moving_average(values, window)
-            (line,) = ax.plot(steps, smooth, lw=1.2, label=r.name)
+            label = r.name if series == "loss" else None  # one legend entry
+            (line,) = ax.plot(steps, smooth, lw=1.2, label=label)
             finite = smooth[np.isfinite(smooth)]
             if finite.size:
                 lows.append(float(np.min(finite)))
@@ -336,5 +353,72 @@ def plot(
         ylabel="global gradient norm",
         title=f"Pre-clip gradient norm ({window}-step mean)",
     )
-    ax_loss.legend(fontsize=8, loc="lower left")
+    fig.legend(loc="outside right center", fontsize=8)
+    return fig
+
+
+def clip_table(results: Sequence[RunResult]) -> str:
+    """A Markdown table of how often, and how hard, each run clipped.
+
+    The clip factor of a step is ``post-clip norm / pre-clip norm``; a step
+    counts as clipped when the factor is below ``0.999``. Only steps with a
+    finite, non-zero pre-clip norm count.
+    """
+    lines = [
+        "| run | steps clipped | median clip factor | smallest clip factor | "
+        "final loss |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        factor = _clip_factor(r)
+        valid = factor[np.isfinite(factor)]
+        if valid.size == 0:
+            lines.append(f"| {r.name} | - | - | - | {r.final_loss:.4g} |")
+            continue
+        lines.append(
+            f"| {r.name} | {np.mean(valid < 0.999):.1%} | "
+            f"{np.median(valid):.3g} | {np.min(valid):.3g} | {r.final_loss:.4g} |"
+        )
+    return "\n".join(lines)
+
+
+def _clip_factor(r: RunResult) -> np.ndarray:
+    ok = np.isfinite(r.grad_norm) & (r.grad_norm > 0) & np.isfinite(r.clipped_norm)
+    safe = np.where(ok, r.grad_norm, 1.0)
+    return np.where(ok, r.clipped_norm / safe, np.nan)
+
+
+def plot_clip_factors(results: Sequence[RunResult], window: int = 25) -> Figure:
+    """Per run: pre- and post-clip gradient norm, and the clip factor, per step."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    ax_norm, ax_factor = fig.subplots(1, 2)
+    for r in results:
+        steps = np.arange(1, len(r.loss) + 1)
+        (line,) = ax_norm.plot(
+            steps, _moving_average(r.grad_norm, window), lw=1.0, alpha=0.5
+        )
+        ax_norm.plot(
+            steps,
+            _moving_average(r.clipped_norm, window),
+            lw=1.5,
+            color=line.get_color(),
+            label=r.name,
+        )
+        ax_factor.plot(steps, _clip_factor(r), ".", ms=2, color=line.get_color())
+    ax_norm.set(
+        yscale="log",
+        ylim=(None, 1e4),
+        xlabel="step",
+        ylabel="global gradient norm",
+        title=f"Pre-clip (faint) and post-clip (bold) norm ({window}-step mean)",
+    )
+    ax_factor.set(
+        yscale="log",
+        xlabel="step",
+        ylabel="post-clip / pre-clip norm",
+        title="Clip factor per step (1 = not clipped)",
+    )
+    fig.legend(loc="outside right center", fontsize=8)
     return fig
