@@ -337,6 +337,10 @@ def non_negative(mask: _common.Mask = None) -> optax.GradientTransformation:
       >>> u, _ = tx.update(updates, tx.init(params), params)
       >>> optax.apply_updates(params, u)["w"]
       Array([0.  , 0.75, 1.  ], dtype=float32)
+
+    References:
+      Keras, `NonNeg constraint
+      <https://keras.io/api/layers/constraints/#nonneg-class>`_
     """
 
     def leaf(path: str, u: jax.Array, p: jax.Array) -> jax.Array:
