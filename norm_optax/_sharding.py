@@ -164,7 +164,12 @@ def _reduce_on_mesh(
 
 
 def reduce_to_scalar(
-    parts: Sequence[jax.Array], kind: str, dtype: np.dtype, axis_name: Any = None
+    parts: Sequence[jax.Array],
+    kind: str,
+    dtype: np.dtype,
+    axis_name: Any = None,
+    *,
+    transposable: bool = False,
 ) -> jax.Array:
     """Sum (``kind="sum"``) or max (``kind="max"``) of all elements of ``parts``.
 
@@ -181,11 +186,16 @@ def reduce_to_scalar(
       kind: ``"sum"`` or ``"max"``; the max of nothing is ``0``.
       dtype: the dtype of the result.
       axis_name: a mapped axis name (or tuple of names) to combine across.
+      transposable: the sum is the tangent of a ``custom_jvp`` rule, which
+        reverse mode transposes: take the plain path, whose transpose is a
+        broadcast without any collective (the ``shard_map`` path counts each
+        replicated leaf once by masking, and the transpose of that mask is
+        one more all-reduce per group of replicated leaves).
 
     Returns:
       A scalar of ``dtype``.
     """
-    if axis_name is None:
+    if axis_name is None and not transposable:
         layout = _explicit_layout(parts)
         if layout is not None:
             mesh, specs, axes = layout

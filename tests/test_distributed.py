@@ -58,7 +58,12 @@ KNOWN: dict[tuple[str, str, str], str] = {
 
 def _env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # LLVM optimisation level 0 only makes the CPU code compile faster (-25%);
+    # the HLO passes that place the collectives run as usual (same counts).
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={devices} "
+        "--xla_backend_optimization_level=0"
+    )
     env["JAX_PLATFORMS"] = "cpu"
     env.pop("JAX_ENABLE_X64", None)
     return env
