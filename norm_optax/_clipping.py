@@ -206,10 +206,11 @@ def clip_by_global_norm(
         norm = global_norm(updates, ord, axis_name=axis_name)
         scale = clip_scale(norm, max_norm)
         # Within the limit the leaf is selected as it is, not multiplied by 1:
-        # with donated buffers XLA then stores nothing (the value is already
-        # there), so a step that needs no clipping costs only the norm. False
-        # for a NaN or infinite norm and for a NaN or negative traced
-        # max_norm, where ``scale`` is NaN.
+        # when the output is the donated input buffer, XLA:CPU's kernel then
+        # branches over the whole leaf (no load, no store), so a call that
+        # needs no clipping costs only the norm. ``within`` is False for a NaN
+        # or infinite norm and for a NaN or negative traced max_norm, where
+        # ``scale`` is NaN.
         within = norm <= jnp.asarray(max_norm).astype(norm.dtype)
 
         def clip(x: jax.Array) -> jax.Array:
