@@ -406,7 +406,8 @@ model = constraints.CNN(nnx.Rngs(0))
 params = nnx.state(model, nnx.Param)
 mask = nox.masks.matrices_only(params)
 for path, keep in jax.tree_util.tree_flatten_with_path(mask)[0]:
-    print(f"{jax.tree_util.keystr(path):22s} {keep}")""",
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    print(f"{name.removesuffix('/value'):14s} {keep}")""",
     ),
     (
         "code",
@@ -432,8 +433,7 @@ of the dense head (128 inputs x 10 classes) and of the second conv layer
         """\
 by_name = {r.name: r for r in results}
 kernels = by_name["prox_l1"].kernels
-head = next(k for path, k in kernels.items() if "head" in path)
-conv2 = next(k for path, k in kernels.items() if "conv2" in path)
+head, conv2 = kernels["head/kernel"], kernels["conv2/kernel"]
 fig, (ax_head, ax_conv) = plt.subplots(1, 2, figsize=(10, 3), layout="constrained")
 ax_head.imshow(head.T != 0, cmap="gray", aspect="auto", interpolation="nearest")
 ax_head.set(title=f"head: {np.mean(head == 0):.0%} zeros", xlabel="input")

@@ -38,7 +38,6 @@ def _rows(rows: list[dict[str, Any]], part: str) -> dict[str, dict[str, Any]]:
     return {r["run"]: r for r in rows if r["part"] == part}
 
 
-@pytest.mark.slow
 def test_writes_both_plots(quick_run: Any) -> None:
     out, _, stdout, _ = quick_run
     for name in ("demo_exploding.png", "demo_constraints.png"):
@@ -48,7 +47,6 @@ def test_writes_both_plots(quick_run: Any) -> None:
         assert f"wrote {path}" in stdout
 
 
-@pytest.mark.slow
 def test_prints_both_tables(quick_run: Any) -> None:
     _, rows, stdout, stderr = quick_run
     assert "| run | final loss | max grad norm (pre-clip) |" in stdout
@@ -58,7 +56,6 @@ def test_prints_both_tables(quick_run: Any) -> None:
     assert "100.0%" in stderr  # the progress bar finished
 
 
-@pytest.mark.slow
 def test_runs_every_technique(quick_run: Any) -> None:
     _, rows, _, _ = quick_run
     assert list(_rows(rows, "exploding")) == [
@@ -81,7 +78,6 @@ def test_runs_every_technique(quick_run: Any) -> None:
     ]
 
 
-@pytest.mark.slow
 def test_unclipped_run_is_worse(quick_run: Any) -> None:
     _, rows, _, _ = quick_run
     runs = _rows(rows, "exploding")
@@ -93,7 +89,6 @@ def test_unclipped_run_is_worse(quick_run: Any) -> None:
     assert none["nonfinite_steps"] > 0 or none["final_loss"] > 2 * clipped["final_loss"]
 
 
-@pytest.mark.slow
 def test_prox_l1_gives_exact_zeros(quick_run: Any) -> None:
     _, rows, stdout, _ = quick_run
     runs = _rows(rows, "constraints")
@@ -103,7 +98,6 @@ def test_prox_l1_gives_exact_zeros(quick_run: Any) -> None:
     assert "-> OK" in stdout.split("check prox_l1:")[1].splitlines()[0]
 
 
-@pytest.mark.slow
 def test_max_norm_bounds_every_unit(quick_run: Any) -> None:
     _, rows, stdout, _ = quick_run
     runs = _rows(rows, "constraints")
@@ -115,7 +109,6 @@ def test_max_norm_bounds_every_unit(quick_run: Any) -> None:
     assert "FAILED" not in stdout
 
 
-@pytest.mark.slow
 def test_learns_digits(quick_run: Any) -> None:
     _, rows, _, _ = quick_run
     assert _rows(rows, "constraints")["plain"]["test_accuracy"] > 0.9

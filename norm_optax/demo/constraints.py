@@ -145,7 +145,7 @@ class ConstraintResult:
     name: str
     eval_steps: np.ndarray
     test_accuracy: np.ndarray
-    kernels: dict[str, np.ndarray]  # path -> trained kernel (ndim >= 2)
+    kernels: dict[str, np.ndarray]  # path (conv1/kernel) -> trained kernel
     params: list[np.ndarray]  # every trained parameter
     seconds: float
 
@@ -239,13 +239,19 @@ def train(
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     params = [np.asarray(leaf) for _, leaf in leaves]
     kernels = {
-        jax.tree_util.keystr(path): np.asarray(leaf)
+        _path_name(path): np.asarray(leaf)
         for path, leaf in leaves
         if np.ndim(leaf) >= 2
     }
     return ConstraintResult(
         name, np.array(eval_steps), np.array(accs), kernels, params, seconds
     )
+
+
+def _path_name(path: Any) -> str:
+    """``conv1/kernel`` for a key path into an NNX ``State``."""
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    return name.removesuffix("/value")
 
 
 def _epochs(config: CNNConfig, n: int) -> int:
