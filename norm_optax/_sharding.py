@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
+import jax.custom_batching
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
-__all__ = ["reduce_to_scalar"]
+__all__ = ["Role", "reduce_to_scalar"]
 
 
 def _leaf_total(part: jax.Array, kind: str, dtype: np.dtype) -> jax.Array:
@@ -163,13 +164,46 @@ def _reduce_on_mesh(
     return mapped(parts)
 
 
+def _batched_plain(
+    axis_size: int,
+    in_batched: list[Any],
+    parts: list[jax.Array],
+    *,
+    kind: str,
+    dtype: np.dtype,
+) -> tuple[jax.Array, bool]:
+    """``vmap`` rule of the ``shard_map`` path: each example reduced in place.
+
+    Under ``vmap``, ``shard_map`` would treat the mapped axis as replicated
+    and all-gather a leaf whose batch axis is sharded (per-example clipping
+    with the examples sharded over devices). Reducing every leaf over its
+    non-batch axes lets XLA keep the batch axis sharded.
+    """
+    (batched,) = in_batched
+    totals = []
+    for part, is_batched in zip(parts, batched, strict=True):
+        if not is_batched:
+            part = jnp.broadcast_to(part, (axis_size, *part.shape))
+        axes = tuple(range(1, part.ndim))
+        if kind == "sum":
+            totals.append(jnp.sum(part, axis=axes, dtype=dtype))
+        else:
+            totals.append(jnp.max(part, axis=axes, initial=0).astype(dtype))
+    if kind == "sum":
+        return sum(totals[1:], start=totals[0]), True
+    return jnp.max(jnp.stack(totals), axis=0), True
+
+
+Role = Literal["any", "primal", "tangent"]
+
+
 def reduce_to_scalar(
     parts: Sequence[jax.Array],
     kind: str,
     dtype: np.dtype,
     axis_name: Any = None,
     *,
-    transposable: bool = False,
+    role: Role = "any",
 ) -> jax.Array:
     """Sum (``kind="sum"``) or max (``kind="max"``) of all elements of ``parts``.
 
@@ -186,27 +220,42 @@ def reduce_to_scalar(
       kind: ``"sum"`` or ``"max"``; the max of nothing is ``0``.
       dtype: the dtype of the result.
       axis_name: a mapped axis name (or tuple of names) to combine across.
-      transposable: the sum is the tangent of a ``custom_jvp`` rule, which
-        reverse mode transposes: take the plain path, whose transpose is a
-        broadcast without any collective (the ``shard_map`` path counts each
-        replicated leaf once by masking, and the transpose of that mask is
-        one more all-reduce per group of replicated leaves).
+      role: how the result is differentiated, which decides how the fast
+        (``shard_map``) path may be used. ``"tangent"``: the sum is the
+        tangent of a ``custom_jvp`` rule, which reverse mode transposes; the
+        plain path is taken, whose transpose is a broadcast without any
+        collective (the transpose of the ``shard_map`` path's masking of
+        replicated leaves would cost one more all-reduce per group of them).
+        ``"primal"``: the result is never differentiated directly (it is the
+        primal of a ``custom_jvp``); the fast path then also gets a ``vmap``
+        rule (:func:`jax.custom_batching.custom_vmap`, which cannot be
+        transposed) that keeps a sharded batch axis in place. ``"any"``: the
+        fast path without that rule (under ``vmap`` over a sharded axis,
+        ``shard_map`` all-gathers the leaves along it).
 
     Returns:
       A scalar of ``dtype``.
     """
-    if axis_name is None and not transposable:
+    if axis_name is None and role != "tangent":
         layout = _explicit_layout(parts)
         if layout is not None:
             mesh, specs, axes = layout
-            return _reduce_on_mesh(
-                list(parts),
+            dtype = np.dtype(dtype)
+            fast = functools.partial(
+                _reduce_on_mesh,
                 kind=kind,
-                dtype=np.dtype(dtype),
+                dtype=dtype,
                 mesh=mesh,
                 specs=tuple(specs),
                 axes=axes,
             )
+            if role != "primal":
+                return fast(list(parts))
+            batchable = jax.custom_batching.custom_vmap(fast)
+            batchable.def_vmap(
+                functools.partial(_batched_plain, kind=kind, dtype=dtype)
+            )
+            return batchable(list(parts))
     total = _combine([_leaf_total(p, kind, dtype) for p in parts], kind, dtype)
     if axis_name is None:
         return total
