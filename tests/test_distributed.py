@@ -175,6 +175,36 @@ def test_grad_and_vmap_of_global_norm(
     assert _case(results, mode, mesh, "vmap(global_norm)")["rel_err"] <= 1.0
 
 
+# Reverse mode and vmap over a sharded axis need an edit in norms.py (pass
+# role="primal"/"tangent" to _sharding.reduce_to_scalar); until then the
+# backward pass transposes the shard_map (one more all-reduce per group of
+# replicated leaves) and vmap gathers the examples.
+NEEDS_ROLES = pytest.mark.xfail(
+    reason="needs norms.py to pass role= to reduce_to_scalar", strict=False
+)
+
+
+@NEEDS_ROLES
+@pytest.mark.parametrize("mesh", MESHES)
+def test_grad_of_global_norm_is_one_all_reduce(
+    results: dict[str, Any], mesh: str
+) -> None:
+    assert _case(results, "explicit", mesh, "grad(global_norm)")["all_reduce"] == 1
+
+
+@pytest.mark.parametrize("mode", ["explicit", "auto"])
+@pytest.mark.parametrize("mesh", MESHES)
+def test_per_example_norms_with_sharded_examples(
+    results: dict[str, Any], request: pytest.FixtureRequest, mode: str, mesh: str
+) -> None:
+    case = _case(results, mode, mesh, "per_example(global_norm)")
+    assert case["rel_err"] <= 1.0
+    if mode == "explicit":
+        request.applymarker(NEEDS_ROLES)
+    assert case["all_gather"] == 0
+    assert case["all_reduce"] <= 1
+
+
 def test_auto_axes_all_reduce_counts(results: dict[str, Any]) -> None:
     # Auto axes: the shardings are unknown at trace time, XLA reduces each
     # leaf over its own mesh axes. One all-reduce on the FSDP mesh, several

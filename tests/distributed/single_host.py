@@ -326,6 +326,38 @@ def mesh_results(
         got = compiled(f, sbatched)(sbatched)
         return {"rel_err": max_rel_err(got, reference("vmap", lambda: f(batched)))}
 
+    def per_example_case() -> dict[str, Any]:
+        """Per-example norms (DP-SGD) with the examples sharded over devices.
+
+        The batch axis is sharded on the first mesh axis; each example's
+        leaves keep their other mesh axes.
+        """
+        batch_axis = mesh.axis_names[0]
+        size = mesh.shape[batch_axis]
+
+        def example_spec(spec: P) -> P:
+            def drop(entry: Any) -> Any:
+                names = entry if isinstance(entry, tuple) else (entry,)
+                kept = tuple(n for n in names if n not in (None, batch_axis))
+                return kept[0] if len(kept) == 1 else (kept or None)
+
+            return P(batch_axis, *(drop(e) for e in spec))
+
+        batched = jax.tree.map(
+            lambda x: jnp.stack([(i + 1) * x for i in range(size)]), grads
+        )
+        bshard = {
+            k: NamedSharding(mesh, example_spec(s.spec)) for k, s in shard.items()
+        }
+        sbatched = jax.device_put(batched, bshard)
+        f = jax.vmap(nox.global_norm)
+        exe = compiled(f, sbatched)
+        want = reference(f"per_example{size}", lambda: f(batched))
+        return {
+            "rel_err": max_rel_err(exe(sbatched), want),
+            **collectives(exe.as_text()),
+        }
+
     def transform_case(name: str) -> dict[str, Any]:
         """One transform compiled alone: values, shardings, collectives."""
         step = update_fn(available()[name]())
@@ -381,6 +413,7 @@ def mesh_results(
     }
     results["grad(global_norm)"] = timed(grad_case)
     results["vmap(global_norm)"] = timed(vmap_case)
+    results["per_example(global_norm)"] = timed(per_example_case)
     for name in names:
         if name in ALONE:
             results[name] = timed(functools.partial(transform_case, name))
