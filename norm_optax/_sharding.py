@@ -20,6 +20,14 @@ at most one cross-device all-reduce of a scalar and no all-gather:
   SPMD partitioner inserts the collectives it needs: one all-reduce when every
   sharded leaf is sharded on the same mesh axes, one per distinct set of axes
   otherwise.
+
+Differentiation and ``vmap`` (see ``role`` in :func:`reduce_to_scalar`), when
+the caller says which sums are which: the tangent sums of the norms'
+``custom_jvp`` rule (``role="tangent"``) take the plain path, so the
+backward pass needs no collective (the transpose of a sum is a broadcast);
+the primal sums (``role="primal"``) get a ``vmap`` rule that reduces each
+example in place, so per-example norms of examples sharded over devices
+gather nothing.
 """
 
 from __future__ import annotations
