@@ -341,6 +341,26 @@ for seed in seeds:
     lines.append(f"| {seed} | {losses} |")
 display(Markdown("**Final loss per seed**\\n\\n" + "\\n".join(lines)))""",
     ),
+    (
+        "markdown",
+        """\
+## What to look for
+
+* **No clipping**: the gradient norm jumps by orders of magnitude within a
+  few steps and the loss becomes non-finite; momentum carries the blow-up.
+* **`clip_by_global_norm`** bounds every step while keeping the gradient's
+  direction, so training goes on through the same cliffs.
+* **`clip_by_value`** and **`clip_by_norm`** (per element, per leaf) also
+  keep the run finite, but they change the update's direction.
+* **`normalize_by_global_norm`** makes every step the same length: no
+  blow-up, but also no small steps near a minimum.
+* **`autoclip`** and **`zclip`** pick the threshold from the history of
+  norms. Compare, in the per-seed table, how often each one rescues a run
+  that blows up without clipping.
+
+To log the pre-clip norm in your own loop, wrap the clip in
+`nox.record_norms` and read `optax.tree.get(opt_state, "input_norm")`.""",
+    ),
 ]
 
 
@@ -441,6 +461,25 @@ conv2_units = conv2.reshape(-1, conv2.shape[-1]).T  # one row per output channel
 ax_conv.imshow(conv2_units != 0, cmap="gray", aspect="auto", interpolation="nearest")
 ax_conv.set(title=f"conv2: {np.mean(conv2 == 0):.0%} zeros", xlabel="3x3x16 inputs")
 plt.show()""",
+    ),
+    (
+        "markdown",
+        """\
+## What to look for
+
+* **`prox_l1`** is the only run with exactly-zero weights: the proximal step
+  sets them to `0.0`; adding an L1 penalty to the loss would only make them
+  small.
+* **`max_norm`** caps every unit's norm at its bound (units below it are
+  untouched); **`unit_norm`** puts every unit on the unit sphere.
+* **Coupled vs decoupled decay**: coupled L2 goes through Adam's
+  normalisation, so the same coefficient acts very differently from the
+  decoupled (AdamW-style) one placed after `scale_by_adam`.
+* **`clip_weights`** bounds each weight, which restricts the model more
+  bluntly than the norm constraints.
+
+Every number in the table comes from the trained weights:
+`nox.unit_norms` per kernel, `nox.global_norm` over all parameters.""",
     ),
 ]
 
