@@ -7,7 +7,7 @@ digits with L2/L1 decay and weight constraints. Each part prints a table and
 writes a PNG to ``--out``. Needs the ``examples`` extra::
 
     pip install "norm-optax[examples]"
-    python -m norm_optax.demo            # full run, about 1.5 minutes on 2 CPU cores
+    python -m norm_optax.demo            # full run, about a minute on 2 CPU cores
     python -m norm_optax.demo --quick    # a much smaller run
 """
 

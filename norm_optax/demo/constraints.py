@@ -168,6 +168,7 @@ class ConstraintResult:
 
     @property
     def max_unit_norm(self) -> float:
+        """The largest of :attr:`unit_norms`."""
         return float(np.max(self.unit_norms))
 
     @property
