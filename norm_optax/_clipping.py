@@ -102,7 +102,9 @@ def clip_by_value(max_delta: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
-def clip_by_norm(max_norm: Any, ord: Ord = 2) -> optax.GradientTransformation:
+def clip_by_norm(
+    max_norm: Any, ord: Ord = 2, axis_name: Any = None
+) -> optax.GradientTransformation:
     r"""Scales each leaf so that its own ``ord``-norm is at most ``max_norm``.
 
     .. math:: g_\ell \leftarrow g_\ell \cdot \min\!\left(1,
@@ -117,6 +119,9 @@ def clip_by_norm(max_norm: Any, ord: Ord = 2) -> optax.GradientTransformation:
     Args:
       max_norm: the largest norm a leaf may have, ``>= 0``.
       ord: ``1``, ``2`` or ``inf`` (``"inf"``).
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) over
+        which each leaf is split; each leaf's norm is then combined across
+        it. ``None`` otherwise.
 
     Returns:
       A stateless :class:`optax.GradientTransformation`.
@@ -141,7 +146,8 @@ def clip_by_norm(max_norm: Any, ord: Ord = 2) -> optax.GradientTransformation:
     ord = canonical_ord(ord)
 
     def clip(x: jax.Array) -> jax.Array:
-        return _common.scale_leaf(x, clip_scale(norm_of_leaves((x,), ord), max_norm))
+        norm = norm_of_leaves((x,), ord, axis_name=axis_name)
+        return _common.scale_leaf(x, clip_scale(norm, max_norm))
 
     def update_fn(
         updates: optax.Updates, state: optax.EmptyState, params: Any = None

@@ -483,11 +483,17 @@ def _zeros_like_output(updates: Any, shapes: Any) -> Any:
     def zeros(s: jax.ShapeDtypeStruct) -> jax.Array:
         return jnp.zeros(s.shape, s.dtype)
 
+    def zeros_like(u: Any, s: jax.ShapeDtypeStruct) -> Any:
+        if not is_inexact(s):
+            return u
+        if getattr(u, "shape", None) == s.shape:
+            # Built from the update leaf, the zeros keep its sharding.
+            return jnp.zeros_like(u, dtype=s.dtype)
+        return zeros(s)
+
     if len(jax.tree.leaves(updates)) == len(jax.tree.leaves(shapes)):
         try:
-            return jax.tree.map(
-                lambda u, s: zeros(s) if is_inexact(s) else u, updates, shapes
-            )
+            return jax.tree.map(zeros_like, updates, shapes)
         except (TypeError, ValueError):
             pass
     return jax.tree.map(zeros, shapes)  # inner changed the tree structure

@@ -177,9 +177,10 @@ def _reduce(
     axis_name: Any,
     kind: str,
     dtype: np.dtype,
+    role: _sharding.Role = "primal",
 ) -> jax.Array:
     if axes is None:
-        return _sharding.reduce_to_scalar(parts, kind, dtype, axis_name)
+        return _sharding.reduce_to_scalar(parts, kind, dtype, axis_name, role=role)
     (part,) = parts
     if kind == "sum":
         return jnp.sum(part, axis=axes, keepdims=True, dtype=dtype)
@@ -237,10 +238,11 @@ def _pnorm_jvp(
             return jnp.where(at_max(x), phase, 0) / count.astype(phase.dtype)
 
     tangent = total(
-        [
+        role="tangent",
+        parts=[
             _real_inner(jnp.where(ok, coefficient(x), 0), dx)
             for x, dx in zip(leaves, dleaves, strict=True)
-        ]
+        ],
     )
     return norm, tangent.astype(dtype)
 
@@ -285,9 +287,13 @@ def global_norm(tree: Any, ord: Ord = 2, *, axis_name: Any = None) -> jax.Array:
       \|g\|_1 = \textstyle\sum_\ell \sum_i |g_{\ell,i}|,\quad
       \|g\|_\infty = \max_{\ell,i} |g_{\ell,i}|.
 
-    Under ``jax.jit`` with sharded leaves (GSPMD) the per-leaf partial sums are
+    Under ``jax.jit`` with sharded leaves (GSPMD) on a mesh with ``Explicit``
+    axes (the default of ``jax.make_mesh``), the per-leaf partial sums are
     combined with a single all-reduce of one scalar, however the leaves are
-    sharded. Inside ``jax.shard_map`` or ``jax.pmap``, where each device holds
+    sharded or replicated, and no leaf is gathered. With ``Auto`` axes the
+    shardings are unknown when the norm is traced, and XLA reduces each leaf
+    over its own mesh axes: one all-reduce per distinct set of axes (one on a
+    1-D FSDP mesh). Inside ``jax.shard_map`` or ``jax.pmap``, where each device holds
     a slice of the tree, pass the mapped ``axis_name`` (a name or a tuple of
     names): the partial norms are then combined across it, and every device
     gets the norm of the whole tree.

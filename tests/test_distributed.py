@@ -49,11 +49,6 @@ single_host = _load("single_host")
 multi_process = _load("multi_process")
 
 MESHES = ("fsdp", "2d")
-# Known defects in transforms owned elsewhere: marked, not hidden.
-KNOWN: dict[tuple[str, str, str], str] = {
-    ("explicit", "2d", "skip_on_spike"): "lax.cond branches differ in sharding "
-    "(zeros without the leaf's sharding) under jax.set_mesh",
-}
 
 
 def _env(devices: int) -> dict[str, str]:
@@ -102,9 +97,7 @@ def _transform_params() -> list[Any]:
             for name in names:
                 if mode == "auto" and name not in single_host.AUTO_SUBSET:
                     continue
-                reason = KNOWN.get((mode, mesh, name))
-                marks = [pytest.mark.xfail(reason=reason)] if reason else []
-                params.append(pytest.param(mode, mesh, name, marks=marks))
+                params.append(pytest.param(mode, mesh, name))
     return params
 
 
@@ -116,8 +109,7 @@ def test_eight_devices(results: dict[str, Any]) -> None:
 def test_transform_matches_unsharded_and_keeps_sharding(
     results: dict[str, Any], mode: str, mesh: str, name: str
 ) -> None:
-    if name not in results["transforms"]:
-        pytest.skip(f"{name} is not in norm_optax.__all__ yet")
+    assert name in results["transforms"], f"{name} is not in norm_optax.__all__"
     case = _case(results, mode, mesh, name)
     assert case["rel_err"] <= 1.0  # allclose(rtol=1e-6, atol=1e-6)
     assert case["sharding"] == []
@@ -143,8 +135,7 @@ def test_global_norm_is_one_all_reduce(
 def test_global_norm_transforms_are_one_all_reduce(
     results: dict[str, Any], mesh: str, name: str
 ) -> None:
-    if name not in results["transforms"]:
-        pytest.skip(f"{name} is not in norm_optax.__all__ yet")
+    assert name in results["transforms"], f"{name} is not in norm_optax.__all__"
     case = _case(results, "explicit", mesh, name)
     assert case["all_reduce"] == 1
     assert case["all_gather"] == 0
@@ -175,16 +166,9 @@ def test_grad_and_vmap_of_global_norm(
     assert _case(results, mode, mesh, "vmap(global_norm)")["rel_err"] <= 1.0
 
 
-# Reverse mode and vmap over a sharded axis need an edit in norms.py (pass
-# role="primal"/"tangent" to _sharding.reduce_to_scalar); until then the
-# backward pass transposes the shard_map (one more all-reduce per group of
-# replicated leaves) and vmap gathers the examples.
-NEEDS_ROLES = pytest.mark.xfail(
-    reason="needs norms.py to pass role= to reduce_to_scalar", strict=False
-)
-
-
-@NEEDS_ROLES
+# Reverse mode: the norm's tangent sums take the plain path (role="tangent"),
+# so the backward pass does not transpose the shard_map into extra collectives;
+# vmap over a sharded batch axis keeps the examples in place (role="primal").
 @pytest.mark.parametrize("mesh", MESHES)
 def test_grad_of_global_norm_is_one_all_reduce(
     results: dict[str, Any], mesh: str
@@ -195,12 +179,10 @@ def test_grad_of_global_norm_is_one_all_reduce(
 @pytest.mark.parametrize("mode", ["explicit", "auto"])
 @pytest.mark.parametrize("mesh", MESHES)
 def test_per_example_norms_with_sharded_examples(
-    results: dict[str, Any], request: pytest.FixtureRequest, mode: str, mesh: str
+    results: dict[str, Any], mode: str, mesh: str
 ) -> None:
     case = _case(results, mode, mesh, "per_example(global_norm)")
     assert case["rel_err"] <= 1.0
-    if mode == "explicit":
-        request.applymarker(NEEDS_ROLES)
     assert case["all_gather"] == 0
     assert case["all_reduce"] <= 1
 
