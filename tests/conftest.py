@@ -3,7 +3,8 @@
 * Our own code runs under strict dtype promotion and rank promotion that
   raises (autouse fixture). optax's optimizers do not survive strict
   promotion (``1 - decay**count`` mixes a float and an int32), so a test
-  that runs them is marked ``@pytest.mark.standard_promotion``.
+  that runs them is marked ``@pytest.mark.standard_promotion``: it runs with
+  jax's default settings, as users do.
 * Warnings are errors (``filterwarnings`` in ``pyproject.toml``).
 * ``x64`` turns on 64-bit floats for one test; tolerances are per dtype.
 """
@@ -32,15 +33,14 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default")
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "standard_promotion: run with jax's standard (not strict) dtype promotion",
+        "standard_promotion: run with jax's default (not strict) promotion rules",
     )
 
 
 @pytest.fixture(autouse=True)
 def _strict_promotion(request: pytest.FixtureRequest) -> Iterator[None]:
     if request.node.get_closest_marker("standard_promotion"):
-        with jax.numpy_rank_promotion("raise"):
-            yield
+        yield  # jax's defaults, as users run (optax, flax, README code)
         return
     with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
         yield
