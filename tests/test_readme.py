@@ -15,7 +15,9 @@ def test_readme_has_the_two_commands_first() -> None:
     first_block = re.search(r"```bash\n(.*?)```", README.read_text(), flags=re.DOTALL)
     assert first_block is not None
     commands = [
-        line for line in first_block.group(1).splitlines() if line and not line.startswith("#")
+        line
+        for line in first_block.group(1).splitlines()
+        if line and not line.startswith("#")
     ]
     assert commands[0].endswith("python -m norm_optax.demo")
     assert commands[1].endswith("python -m pytest")
