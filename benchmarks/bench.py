@@ -94,11 +94,12 @@ class Row:
     peer: str
     stats: harness.Stats
     traffic: int  # bytes of the op's minimal memory traffic
+    gbps: float  # triad bandwidth at the median of this op's group
 
     @property
     def bound(self) -> float:
-        """Seconds the minimal traffic takes at the bandwidth of the run."""
-        return self.traffic / (BANDWIDTH.gbps * 1e9)
+        """Seconds the minimal traffic takes at the bandwidth of its group."""
+        return self.traffic / (self.gbps * 1e9)
 
     @property
     def ratio(self) -> float:
@@ -217,9 +218,11 @@ def bench_tree(tree: str, dtype: Any, reps: int) -> list[Row]:
 
     def add(op: str, peers: dict[str, Callable[[], Any]]) -> None:
         stats = harness.interleave({**peers, "triad": BANDWIDTH.run}, reps)
-        BANDWIDTH.record(stats.pop("triad"))
+        triad = stats.pop("triad")
+        BANDWIDTH.record(triad)
+        gbps = BANDWIDTH.moved / triad.median / 1e9
         for peer, s in stats.items():
-            rows.append(Row(tree, dname, op, peer, s, PASSES[op] * nbytes))
+            rows.append(Row(tree, dname, op, peer, s, PASSES[op] * nbytes, gbps))
         bound = rows[-1].bound
         text = ", ".join(
             f"{p} {s.median * 1e3:.1f} ms ({s.median / bound:.2f}x)"
@@ -533,8 +536,11 @@ def write_report(
         "one run, interleaved round-robin. Times are milliseconds: median "
         "(min-max) of the timed rounds after warm-up, and in **bold** the "
         "ratio of the median to the bandwidth bound of the operation's minimal "
-        "traffic (norm: 1 pass over the tree's bytes; clip: 3; clip + AdamW + "
-        "apply: 8 = read g for the norm, read g, p, mu, nu, write p, mu, nu).",
+        "traffic (norm: 1 pass over the tree's bytes; clip: 3; clip within the "
+        "limit: 1; clip + AdamW + apply: 8 = read g for the norm, read g, p, mu, "
+        "nu, write p, mu, nu). The bandwidth of each bound is the median of the "
+        "donated triad that ran interleaved in the same group as the peers "
+        "(column `GB/s`), so that load from other processes hits both alike.",
         "",
         "## Machine",
         "",
@@ -564,13 +570,15 @@ def write_report(
                 "step": "clip + AdamW + apply_updates, params and state donated",
             }[op]
             lines += [f"### {dtype}: {title}", ""]
-            lines.append("| tree | bound ms | " + " | ".join(peers) + " |")
-            lines.append("|---|---|" + "---|" * len(peers))
+            lines.append("| tree | GB/s | bound ms | " + " | ".join(peers) + " |")
+            lines.append("|---|---|---|" + "---|" * len(peers))
             for tree in trees:
-                bound = next(r.bound for r in sub if r.tree == tree)
+                first = next(r for r in sub if r.tree == tree)
                 cells = [_cell(_find(sub, tree, dtype, op, p)) for p in peers]
                 lines.append(
-                    f"| {tree} | {bound * 1e3:.1f} | " + " | ".join(cells) + " |"
+                    f"| {tree} | {first.gbps:.1f} | {first.bound * 1e3:.1f} | "
+                    + " | ".join(cells)
+                    + " |"
                 )
             lines.append("")
     counts = sorted({n for (_, _, n) in COMPILE})
