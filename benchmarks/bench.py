@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    python benchmarks/bench.py --quick   # a subset: ~3 min on 2 idle cores
-    python benchmarks/bench.py           # the full run: ~25 min
+    python benchmarks/bench.py --quick   # a subset: 4.6 min on 2 cores, load 2-3
+    python benchmarks/bench.py           # the full run: 15 min (25 at load 5)
 
 It writes ``benchmarks/results/<machine>.md`` (``<machine>-quick.md`` with
 ``--quick``): the machine's facts, the measured memory bandwidth, the targets,
