@@ -16,7 +16,10 @@ from norm_optax.demo import INSTALL_HINT, main
 from norm_optax.demo.constraints import CNNConfig
 from norm_optax.demo.exploding import RNNConfig
 
-pytestmark = pytest.mark.standard_promotion  # the demo runs optax optimizers
+pytestmark = [
+    pytest.mark.standard_promotion,  # the demo runs optax optimizers
+    pytest.mark.xdist_group("demo"),  # one worker runs the module's demo once
+]
 
 
 @pytest.fixture(scope="module")

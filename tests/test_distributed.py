@@ -50,6 +50,10 @@ multi_process = _load("multi_process")
 
 MESHES = ("fsdp", "2d")
 
+# Under pytest-xdist one worker runs the whole module, so the 8-device
+# subprocess behind the ``results`` fixture runs once.
+pytestmark = pytest.mark.xdist_group("distributed")
+
 
 def _env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
