@@ -23,7 +23,6 @@ from norm_optax.norms import (
     canonical_axes,
     canonical_ord,
     global_norm,
-    is_inexact,
     norm_of_leaves,
 )
 
@@ -346,15 +345,7 @@ def adaptive_clip(
     _common.check_nonnegative(clipping, "clipping")
     _common.check_nonnegative(eps, "eps")
 
-    def clip(path: str, g: jax.Array, p: Any) -> jax.Array:
-        if not is_inexact(p):
-            return g
-        p = jnp.asarray(p)
-        if p.shape != g.shape:
-            raise ValueError(
-                f"adaptive_clip: params at {path} have shape {p.shape}, "
-                f"the updates {g.shape}."
-            )
+    def clip(path: str, g: jax.Array, p: jax.Array) -> jax.Array:
         axes = canonical_axes(axis, g.shape, where=path)
         g_norm = norm_of_leaves((g,), 2, axes)
         p_norm = norm_of_leaves((p,), 2, axes).astype(g_norm.dtype)
@@ -365,13 +356,4 @@ def adaptive_clip(
         scale = jnp.where(jnp.isnan(p_norm) | (floor < 0), jnp.nan, scale)
         return _common.scale_leaf(g, scale)
 
-    def update_fn(
-        updates: optax.Updates, state: optax.EmptyState, params: Any = None
-    ) -> tuple[optax.Updates, optax.EmptyState]:
-        _common.check_params(params, "adaptive_clip")
-        _common.check_same_structure(updates, params, "params")
-        masks = None if mask is None else _common.resolve_mask(mask, updates, params)
-        clipped = _common.map_inexact(clip, updates, params, mask=masks, with_path=True)
-        return clipped, state
-
-    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+    return _common.params_transform("adaptive_clip", clip, mask)

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from norm_optax.norms import accumulation_dtype, is_inexact
 
@@ -31,13 +32,16 @@ __all__ = [
     "check_range",
     "check_same_structure",
     "concrete_value",
+    "leaf_params",
     "map_inexact",
+    "params_transform",
     "path_str",
     "resolve_mask",
     "scale_leaf",
 ]
 
 Mask = Any  # a pytree of bools (or a prefix of params), or params -> that tree.
+LeafFn = Callable[[str, jax.Array, jax.Array], jax.Array]  # (path, u, p) -> u'
 
 
 def concrete_value(value: Any, name: str) -> float | None:
@@ -174,3 +178,42 @@ def scale_leaf(x: jax.Array, scale: jax.Array) -> jax.Array:
     if jnp.finfo(x.dtype).bits < 32:  # half precision: scale in float32
         return (x.astype(acc) * scale).astype(x.dtype)
     return x * scale.astype(x.dtype)
+
+
+def leaf_params(transform: str, path: str, u: jax.Array, p: Any) -> jax.Array | None:
+    """``p`` as an array of ``u``'s shape, or ``None`` if it is not inexact."""
+    if not is_inexact(p):
+        return None
+    p = jnp.asarray(p)
+    if p.shape != u.shape:
+        raise ValueError(
+            f"{transform}: params at {path or '<root>'} have shape {p.shape}, "
+            f"the updates {u.shape}."
+        )
+    return p
+
+
+def params_transform(
+    transform: str, leaf_fn: LeafFn, mask: Mask
+) -> optax.GradientTransformation:
+    """A stateless transform applying ``leaf_fn(path, u, p)`` to each leaf.
+
+    Checks that ``params`` is given and matches the updates, resolves
+    ``mask``; masked-out, non-inexact leaves and leaves whose params are not
+    inexact pass through unchanged.
+    """
+
+    def apply(path: str, u: jax.Array, p: Any) -> jax.Array:
+        p = leaf_params(transform, path, u, p)
+        return u if p is None else leaf_fn(path, u, p)
+
+    def update_fn(
+        updates: optax.Updates, state: optax.EmptyState, params: Any = None
+    ) -> tuple[optax.Updates, optax.EmptyState]:
+        check_params(params, transform)
+        check_same_structure(updates, params, "params")
+        masks = None if mask is None else resolve_mask(mask, updates, params)
+        out = map_inexact(apply, updates, params, mask=masks, with_path=True)
+        return out, state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)

@@ -26,13 +26,7 @@ import numpy as np
 import optax
 
 from norm_optax import _common
-from norm_optax._projection import (
-    finish,
-    params_transform,
-    soft_threshold,
-    wide_sum,
-    widen,
-)
+from norm_optax._projection import finish, soft_threshold, wide_sum, widen
 from norm_optax.norms import global_norm
 
 __all__ = ["add_l1_decay", "add_l2_decay", "l1_penalty", "l2_penalty", "prox_l1"]
@@ -101,7 +95,7 @@ def add_l2_decay(coeff: Any, mask: _common.Mask = None) -> optax.GradientTransfo
         del path
         return _add_scaled(g, coeff, p)
 
-    return params_transform("add_l2_decay", leaf, mask)
+    return _common.params_transform("add_l2_decay", leaf, mask)
 
 
 def add_l1_decay(coeff: Any, mask: _common.Mask = None) -> optax.GradientTransformation:
@@ -149,7 +143,7 @@ def add_l1_decay(coeff: Any, mask: _common.Mask = None) -> optax.GradientTransfo
         del path
         return _add_scaled(g, coeff, jnp.sign(widen(p)))
 
-    return params_transform("add_l1_decay", leaf, mask)
+    return _common.params_transform("add_l1_decay", leaf, mask)
 
 
 def prox_l1(
@@ -215,7 +209,7 @@ def prox_l1(
         target = jnp.where(tau >= 0, soft_threshold(x, tau), jnp.nan)
         return finish(u, p, target, tau == 0)
 
-    return params_transform("prox_l1", leaf, mask)
+    return _common.params_transform("prox_l1", leaf, mask)
 
 
 def l2_penalty(tree: Any) -> jax.Array:

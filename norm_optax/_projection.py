@@ -59,7 +59,6 @@ __all__ = [
 ]
 
 Axis = int | Sequence[int] | None
-LeafFn = Callable[[str, jax.Array, jax.Array], jax.Array]
 
 _MARGIN_ULPS = 4  # how far inside a norm bound the targets are aimed
 
@@ -81,45 +80,6 @@ def wide_sum(p: jax.Array, u: jax.Array) -> jax.Array:
     p, u = widen(p), widen(u)
     dtype = np.promote_types(p.dtype, u.dtype)
     return p.astype(dtype) + u.astype(dtype)
-
-
-def leaf_params(transform: str, path: str, u: jax.Array, p: Any) -> jax.Array | None:
-    """``p`` as an array of ``u``'s shape, or ``None`` if it is not inexact."""
-    if not is_inexact(p):
-        return None
-    p = jnp.asarray(p)
-    if p.shape != u.shape:
-        raise ValueError(
-            f"{transform}: params at {path or '<root>'} have shape {p.shape}, "
-            f"the updates {u.shape}."
-        )
-    return p
-
-
-def params_transform(
-    transform: str, leaf_fn: LeafFn, mask: _common.Mask
-) -> optax.GradientTransformation:
-    """A stateless transform applying ``leaf_fn(path, u, p)`` to each leaf.
-
-    Checks that ``params`` is given and matches the updates, resolves
-    ``mask``; masked-out, non-inexact leaves and leaves whose params are not
-    inexact pass through unchanged.
-    """
-
-    def apply(path: str, u: jax.Array, p: Any) -> jax.Array:
-        p = leaf_params(transform, path, u, p)
-        return u if p is None else leaf_fn(path, u, p)
-
-    def update_fn(
-        updates: optax.Updates, state: optax.EmptyState, params: Any = None
-    ) -> tuple[optax.Updates, optax.EmptyState]:
-        _common.check_params(params, transform)
-        _common.check_same_structure(updates, params, "params")
-        masks = None if mask is None else _common.resolve_mask(mask, updates, params)
-        out = _common.map_inexact(apply, updates, params, mask=masks, with_path=True)
-        return out, state
-
-    return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def _toward_zero(t: jax.Array, dtype: Any) -> jax.Array:
@@ -211,7 +171,7 @@ def _box(
             t, keep = clip(x), jnp.abs(x) <= inside
         return finish(u, p, t, keep)
 
-    return params_transform(transform, leaf, mask)
+    return _common.params_transform(transform, leaf, mask)
 
 
 def clip_weights(
@@ -352,7 +312,7 @@ def non_negative(mask: _common.Mask = None) -> optax.GradientTransformation:
         x = wide_sum(p, u)
         return finish(u, p, jnp.maximum(x, 0), x >= 0)
 
-    return params_transform("non_negative", leaf, mask)
+    return _common.params_transform("non_negative", leaf, mask)
 
 
 # ---------------------------------------------------------------------------
@@ -381,7 +341,7 @@ def _unitwise(
         scale = jnp.where(jnp.isfinite(norm), scale, jnp.nan)
         return finish(u, p, x * scale.astype(x.dtype), scale == 1)
 
-    return params_transform(transform, leaf, mask)
+    return _common.params_transform(transform, leaf, mask)
 
 
 def max_norm(
@@ -604,7 +564,7 @@ def _global(
         chosen = []
         for i, ((path, u), p, m) in enumerate(zip(flat, ps, ms, strict=True)):
             if m and is_inexact(u):
-                p = leaf_params(transform, _common.path_str(path), u, p)
+                p = _common.leaf_params(transform, _common.path_str(path), u, p)
                 if p is not None:
                     chosen.append((i, jnp.asarray(u), p))
         out = [u for _, u in flat]

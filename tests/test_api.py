@@ -86,19 +86,17 @@ STATELESS_TRANSFORMS = [
     "prox_l1",
 ]
 
+# Every stateless transform but the four that only look at the updates.
 PARAMS_READERS = [
-    "adaptive_clip",
-    "clip_weights",
-    "non_negative",
-    "max_norm",
-    "unit_norm",
-    "min_max_norm",
-    "project_l2_ball",
-    "project_l1_ball",
-    "project_linf_ball",
-    "add_l2_decay",
-    "add_l1_decay",
-    "prox_l1",
+    name
+    for name in STATELESS_TRANSFORMS
+    if name
+    not in (
+        "clip_by_value",
+        "clip_by_norm",
+        "clip_by_global_norm",
+        "normalize_by_global_norm",
+    )
 ]
 
 
