@@ -12,6 +12,8 @@ See ``README.md`` for the placement of each transform in ``optax.chain``.
 """
 
 from norm_optax import masks as masks
+from norm_optax._balls import project_l1_ball as project_l1_ball
+from norm_optax._balls import project_l2_ball as project_l2_ball
 from norm_optax._clipping import adaptive_clip as adaptive_clip
 from norm_optax._clipping import clip_by_global_norm as clip_by_global_norm
 from norm_optax._clipping import clip_by_norm as clip_by_norm
@@ -26,8 +28,6 @@ from norm_optax._projection import clip_weights as clip_weights
 from norm_optax._projection import max_norm as max_norm
 from norm_optax._projection import min_max_norm as min_max_norm
 from norm_optax._projection import non_negative as non_negative
-from norm_optax._projection import project_l1_ball as project_l1_ball
-from norm_optax._projection import project_l2_ball as project_l2_ball
 from norm_optax._projection import project_linf_ball as project_linf_ball
 from norm_optax._projection import unit_norm as unit_norm
 from norm_optax._stateful import AutoClipState as AutoClipState

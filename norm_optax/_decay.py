@@ -26,7 +26,8 @@ import numpy as np
 import optax
 
 from norm_optax import _common
-from norm_optax._projection import finish, soft_threshold, wide_sum, widen
+from norm_optax._balls import soft_threshold
+from norm_optax._projection import finish, wide_sum, widen
 from norm_optax.norms import global_norm
 
 __all__ = ["add_l1_decay", "add_l2_decay", "l1_penalty", "l2_penalty", "prox_l1"]

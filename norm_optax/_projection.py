@@ -5,9 +5,10 @@ A projection reads the current ``params`` and returns the update
 .. math:: u' = P(p + u) - p
 
 so that ``optax.apply_updates(params, u')`` is the projection of the proposed
-parameters ``p + u`` onto a constraint set (a box, a ball, a norm bound per
-unit). Every transform here is stateless (``optax.EmptyState``) and needs
-``params``.
+parameters ``p + u`` onto a constraint set (a box, a norm bound per unit;
+the L2 and L1 balls over the whole tree are in ``_balls``, on the same
+machinery). Every transform here is stateless (``optax.EmptyState``) and
+needs ``params``.
 
 **Rounding.** ``optax.apply_updates`` adds ``u'`` to ``p`` in the parameter's
 dtype, which rounds once more. Elements a projection leaves alone get ``u``
@@ -38,12 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from norm_optax import _common, _sharding
-from norm_optax._clipping import clip_scale
+from norm_optax import _common
 from norm_optax.norms import (
     accumulation_dtype,
     canonical_axes,
-    is_inexact,
     norm_of_leaves,
 )
 
@@ -52,8 +51,6 @@ __all__ = [
     "max_norm",
     "min_max_norm",
     "non_negative",
-    "project_l1_ball",
-    "project_l2_ball",
     "project_linf_ball",
     "unit_norm",
 ]
@@ -64,7 +61,7 @@ _MARGIN_ULPS = 4  # how far inside a norm bound the targets are aimed
 
 
 # ---------------------------------------------------------------------------
-# Shared machinery (also used by ``_decay``).
+# Shared machinery (also used by ``_balls`` and ``_decay``).
 # ---------------------------------------------------------------------------
 
 
@@ -135,7 +132,7 @@ def finish(u: jax.Array, p: jax.Array, t: jax.Array, keep: Any) -> jax.Array:
     return jnp.where(keep, u, land(p, t).astype(u.dtype))
 
 
-def _inner(value: Any, dtype: Any) -> jax.Array:
+def inner_bound(value: Any, dtype: Any) -> jax.Array:
     """``value`` (a norm bound) in ``dtype``, aimed a few ulps inside."""
     eps = jnp.finfo(dtype).eps
     return jnp.asarray(value).astype(dtype) * (1 - _MARGIN_ULPS * eps)
@@ -402,7 +399,7 @@ def max_norm(
 
     def desired(norm: jax.Array) -> jax.Array:
         bound = jnp.asarray(max_value).astype(norm.dtype)
-        want = jnp.minimum(norm, _inner(bound, norm.dtype))
+        want = jnp.minimum(norm, inner_bound(bound, norm.dtype))
         return jnp.where(bound >= 0, want, jnp.nan)
 
     return _unitwise("max_norm", desired, axis, mask)
@@ -526,237 +523,9 @@ def min_max_norm(
         a = jnp.asarray(min_value).astype(norm.dtype)
         b = jnp.asarray(max_value).astype(norm.dtype)
         r = jnp.asarray(rate).astype(norm.dtype)
-        clipped = jnp.minimum(jnp.maximum(norm, a), _inner(b, norm.dtype))
+        clipped = jnp.minimum(jnp.maximum(norm, a), inner_bound(b, norm.dtype))
         want = norm + r * (clipped - norm)  # exactly ``norm`` inside the bounds
         usable = (a >= 0) & (a <= b) & (r >= 0) & (r <= 1)
         return jnp.where(usable, want, jnp.nan)
 
     return _unitwise("min_max_norm", desired, axis, mask)
-
-
-# ---------------------------------------------------------------------------
-# Balls over the whole tree.
-# ---------------------------------------------------------------------------
-
-Project = Callable[[list[jax.Array]], tuple[list[jax.Array], jax.Array]]
-
-
-def _global(
-    transform: str, project: Project, mask: _common.Mask
-) -> optax.GradientTransformation:
-    """Projects all selected leaves of ``p + u`` together.
-
-    ``project(xs)`` returns the targets and a scalar ``keep`` (``True`` when
-    ``p + u`` is already inside, so the updates pass unchanged).
-    """
-
-    def update_fn(
-        updates: optax.Updates, state: optax.EmptyState, params: Any = None
-    ) -> tuple[optax.Updates, optax.EmptyState]:
-        _common.check_params(params, transform)
-        _common.check_same_structure(updates, params, "params")
-        if mask is None:
-            masks = jax.tree.map(lambda _: True, updates)
-        else:
-            masks = _common.resolve_mask(mask, updates, params)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
-        ps, ms = jax.tree.leaves(params), jax.tree.leaves(masks)
-        chosen = []
-        for i, ((path, u), p, m) in enumerate(zip(flat, ps, ms, strict=True)):
-            if m and is_inexact(u):
-                p = _common.leaf_params(transform, _common.path_str(path), u, p)
-                if p is not None:
-                    chosen.append((i, jnp.asarray(u), p))
-        out = [u for _, u in flat]
-        if chosen:
-            targets, keep = project([wide_sum(p, u) for _, u, p in chosen])
-            for (i, u, p), t in zip(chosen, targets, strict=True):
-                out[i] = finish(u, p, t, keep)
-        return jax.tree.unflatten(treedef, out), state
-
-    return optax.GradientTransformation(optax.init_empty_state, update_fn)
-
-
-def project_l2_ball(
-    radius: Any, mask: _common.Mask = None
-) -> optax.GradientTransformation:
-    r"""Euclidean projection of the whole parameter tree onto the L2 ball.
-
-    .. math:: p \leftarrow (p + u) \cdot \min\!\left(1,
-       \frac{r}{\|p + u\|_2}\right), \qquad \|\cdot\|_2 \text{ over all leaves}
-
-    The global counterpart of :func:`max_norm`: one scale for the whole tree
-    (the selected leaves, with ``mask``), so inside the ball the updates pass
-    unchanged. A NaN or infinite norm makes every selected element NaN.
-
-    Place it last, after the learning rate:
-    ``optax.chain(optax.sgd(1e-2), nox.project_l2_ball(10.0))``.
-
-    Args:
-      radius: :math:`r`, ``>= 0``.
-      mask: a tree of bools matching the params (or a prefix of it), or a
-        callable ``params -> tree``; leaves marked ``False`` are left out of
-        the norm and pass unchanged.
-
-    Returns:
-      A stateless :class:`optax.GradientTransformation` that needs ``params``.
-
-    Raises:
-      ValueError: ``radius`` is negative or NaN (at construction); ``params``
-        is missing or ``params``/``mask`` does not match the updates (at
-        update).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import numpy as np
-      >>> import optax
-      >>> import norm_optax as nox
-      >>> tx = nox.project_l2_ball(1.0)
-      >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(1)}
-      >>> updates = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])}
-      >>> u, _ = tx.update(updates, tx.init(params), params)
-      >>> new = optax.apply_updates(params, u)
-      >>> np.asarray(new["a"]).round(4), np.asarray(new["b"]).round(4)
-      (array([0.6, 0. ], dtype=float32), array([0.8], dtype=float32))
-    """
-    _common.check_nonnegative(radius, "radius")
-
-    def project(xs: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
-        norm = norm_of_leaves(tuple(xs), 2)
-        scale = clip_scale(norm, _inner(radius, norm.dtype))
-        keep = norm <= jnp.asarray(radius).astype(norm.dtype)
-        scale = jnp.where(keep, 1, scale)
-        return [x * scale.astype(x.dtype) for x in xs], keep & jnp.isfinite(norm)
-
-    return _global("project_l2_ball", project, mask)
-
-
-def l1_ball_threshold(xs: list[jax.Array], radius: Any) -> jax.Array:
-    r"""The soft threshold :math:`\theta` of the projection onto the L1 ball.
-
-    :math:`\theta \ge 0` solves :math:`f(\theta) = \sum_i \max(|x_i| - \theta, 0)
-    - r = 0`, a convex, decreasing, piecewise-linear equation. Newton's method
-    from :math:`\theta = 0`, :math:`\theta \leftarrow \theta + f(\theta) /
-    \#\{i : |x_i| > \theta\}` (Michelot's algorithm), never overshoots and
-    ends on the exact root once the support stops shrinking: the same
-    threshold as the sort-based algorithm of Duchi et al. 2008, found without
-    sorting or gathering the leaves, with a few passes over them that each
-    reduce to two scalars (a typical tree needs a handful). ``0`` inside the
-    ball, NaN if a magnitude is NaN or infinite.
-    """
-    mags = [jnp.abs(x) for x in xs]
-    dtype = max((m.dtype for m in mags), key=lambda d: d.itemsize)
-    r = jnp.asarray(radius).astype(dtype)
-
-    def excess_and_support(
-        theta: jax.Array, mags: list[jax.Array], r: jax.Array
-    ) -> tuple[jax.Array, jax.Array]:
-        """``f(theta)``, summed from the small differences, and the support size."""
-        above = [m - theta.astype(m.dtype) for m in mags]
-        excess = _sharding.reduce_to_scalar(
-            [jnp.maximum(d, 0) for d in above], "sum", dtype
-        )
-        support = _sharding.reduce_to_scalar(
-            [(d > 0).astype(dtype) for d in above], "sum", dtype
-        )
-        return excess - r, support
-
-    # The iteration runs on constants; the derivative comes from the last,
-    # differentiable Newton step below (implicit differentiation of f = 0).
-    fixed_mags = [jax.lax.stop_gradient(m) for m in mags]
-    fixed_r = jax.lax.stop_gradient(r)
-
-    def newton(state: tuple[jax.Array, jax.Array, jax.Array]) -> Any:
-        theta, support, _ = state
-        excess, new_support = excess_and_support(theta, fixed_mags, fixed_r)
-        go = (excess > 0) & (new_support < support)
-        step = excess / jnp.maximum(new_support, 1)
-        return jnp.where(go, theta + step, theta), new_support, go
-
-    start = (jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype), jnp.asarray(True))
-    theta, _, _ = jax.lax.while_loop(lambda state: state[2], newton, start)
-    excess, support = excess_and_support(theta, mags, r)
-    theta = theta + excess / jnp.maximum(support, 1)
-    # One ulp up if rounding left the sum over ``r``.
-    fixed = jax.lax.stop_gradient(theta)
-    ulp = jnp.nextafter(fixed, jnp.full_like(fixed, jnp.inf)) - fixed
-    over = excess_and_support(fixed, fixed_mags, fixed_r)[0] > 0
-    theta = theta + jnp.where(over, ulp, 0)
-    total = norm_of_leaves(tuple(mags), 1).astype(dtype)
-    theta = jnp.where(total <= r, 0, jnp.maximum(theta, 0))
-    return jnp.where(jnp.isfinite(total) & (r >= 0), theta, jnp.nan)
-
-
-def soft_threshold(x: jax.Array, theta: jax.Array) -> jax.Array:
-    r"""Soft threshold :math:`\operatorname{sign}(x) \max(|x| - \theta, 0)`."""
-    mag = jnp.abs(x)
-    shrunk = jnp.maximum(mag - theta.astype(mag.dtype), 0)
-    if jnp.iscomplexobj(x):
-        positive = mag > 0
-        return x * jnp.where(positive, shrunk / jnp.where(positive, mag, 1), 0).astype(
-            x.dtype
-        )
-    return jnp.sign(x) * shrunk
-
-
-def project_l1_ball(
-    radius: Any, mask: _common.Mask = None
-) -> optax.GradientTransformation:
-    r"""Exact Euclidean projection of the whole parameter tree onto the L1 ball.
-
-    .. math:: P(x) = \operatorname*{arg\,min}_{\|y\|_1 \le r} \|y - x\|_2
-       = \operatorname{sign}(x) \max(|x| - \theta, 0)
-
-    for :math:`x = p + u` over all selected leaves as one vector, where the
-    threshold :math:`\theta \ge 0` is the one of Duchi et al. 2008, found
-    without sorting: Newton's method on :math:`\sum_i \max(|x_i| - \theta, 0)
-    = r` (Michelot's algorithm), exact once the support stops shrinking, a
-    few passes over the leaves that each reduce to two scalars (so sharded
-    leaves are never gathered). One threshold for the whole tree, then every
-    leaf is soft-thresholded. Inside the ball the updates pass unchanged;
-    outside, small entries become exactly ``0`` (a sparse projection). A NaN
-    or infinite entry makes every selected element NaN.
-
-    Place it last, after the learning rate:
-    ``optax.chain(optax.sgd(1e-2), nox.project_l1_ball(1.0))``.
-
-    Args:
-      radius: :math:`r`, ``>= 0``.
-      mask: a tree of bools matching the params (or a prefix of it), or a
-        callable ``params -> tree``; leaves marked ``False`` are left out and
-        pass unchanged.
-
-    Returns:
-      A stateless :class:`optax.GradientTransformation` that needs ``params``.
-
-    Raises:
-      ValueError: ``radius`` is negative or NaN (at construction); ``params``
-        is missing or ``params``/``mask`` does not match the updates (at
-        update).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import numpy as np
-      >>> import optax
-      >>> import norm_optax as nox
-      >>> tx = nox.project_l1_ball(1.0)
-      >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(1)}
-      >>> updates = {"a": jnp.array([2.0, -0.25]), "b": jnp.array([1.5])}
-      >>> u, _ = tx.update(updates, tx.init(params), params)
-      >>> new = optax.apply_updates(params, u)
-      >>> np.asarray(new["a"]).round(4), np.asarray(new["b"]).round(4)
-      (array([0.75, 0.  ], dtype=float32), array([0.25], dtype=float32))
-
-    References:
-      Duchi et al., `Efficient Projections onto the l1-Ball for Learning in
-      High Dimensions <https://dl.acm.org/doi/10.1145/1390156.1390191>`_, 2008
-    """
-    _common.check_nonnegative(radius, "radius")
-
-    def project(xs: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
-        total = norm_of_leaves(tuple(xs), 1)
-        keep = total <= jnp.asarray(radius).astype(total.dtype)
-        theta = l1_ball_threshold(xs, _inner(radius, total.dtype))
-        return [soft_threshold(x, theta) for x in xs], keep & jnp.isfinite(total)
-
-    return _global("project_l1_ball", project, mask)
