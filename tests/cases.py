@@ -13,7 +13,6 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -128,19 +127,32 @@ PROJECTION_AND_DECAY: list[Case] = [
 CASES = CLIPPING + PROJECTION_AND_DECAY
 
 
+def normal_tree(
+    seed: int, shapes: dict[str, Any], dtype: Any = jnp.float32, scale: float = 1.0
+) -> dict[str, Any]:
+    """Seeded N(0, scale^2) arrays with the nested-dict structure of ``shapes``.
+
+    Values are drawn in the dicts' insertion order, so a seed always gives the
+    same arrays for the same ``shapes``.
+    """
+    rng = np.random.default_rng(seed)
+
+    def build(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {key: build(value) for key, value in node.items()}
+        return jnp.asarray(scale * rng.standard_normal(node), dtype=dtype)
+
+    return build(shapes)
+
+
 def make_tree(
     seed: int, dtype: Any = jnp.float32, scale: float = 3.0
 ) -> dict[str, Any]:
     """A small model-like tree: Dense, Conv, a scalar, an int leaf and a None."""
-    rng = np.random.default_rng(seed)
-
-    def arr(*shape: int) -> jax.Array:
-        return jnp.asarray(scale * rng.standard_normal(shape), dtype=dtype)
-
-    return {
-        "dense": {"kernel": arr(5, 3), "bias": arr(3)},
-        "conv": {"kernel": arr(3, 3, 2, 4)},
-        "scale": arr(),
-        "step": jnp.asarray(7, jnp.int32),
-        "frozen": None,
+    shapes = {
+        "dense": {"kernel": (5, 3), "bias": (3,)},
+        "conv": {"kernel": (3, 3, 2, 4)},
+        "scale": (),
     }
+    tree = normal_tree(seed, shapes, dtype, scale)
+    return {**tree, "step": jnp.asarray(7, jnp.int32), "frozen": None}

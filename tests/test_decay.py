@@ -16,17 +16,14 @@ import optax
 import pytest
 
 import norm_optax as nox
+from tests.cases import normal_tree
 
 Tree = dict[str, Any]
 
 
 def _tree(seed: int, dtype: Any = jnp.float32, scale: float = 1.0) -> Tree:
-    rng = np.random.default_rng(seed)
-
-    def arr(*shape: int) -> jax.Array:
-        return jnp.asarray(scale * rng.standard_normal(shape), dtype=dtype)
-
-    return {"dense": {"kernel": arr(5, 3), "bias": arr(3)}, "scale": arr()}
+    shapes = {"dense": {"kernel": (5, 3), "bias": (3,)}, "scale": ()}
+    return normal_tree(seed, shapes, dtype, scale)
 
 
 def _f64(tree: Any) -> Any:

@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import norm_optax as nox
+from tests.cases import normal_tree
 
 ORDS = [1, 2, math.inf]
 NP_ORD = {1: 1, 2: 2, math.inf: np.inf}
@@ -29,13 +30,8 @@ def np_global_norm(leaves: list[np.ndarray], ord: float) -> float:
 
 
 def random_tree(seed: int, dtype: Any = np.float32) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
-    return {
-        "kernel": jnp.asarray(rng.standard_normal((7, 5)), dtype),
-        "bias": jnp.asarray(rng.standard_normal(5), dtype),
-        "conv": jnp.asarray(rng.standard_normal((3, 3, 2, 4)), dtype),
-        "scalar": jnp.asarray(rng.standard_normal(), dtype),
-    }
+    shapes = {"kernel": (7, 5), "bias": (5,), "conv": (3, 3, 2, 4), "scalar": ()}
+    return normal_tree(seed, shapes, dtype)
 
 
 @pytest.mark.parametrize("ord", ORDS)

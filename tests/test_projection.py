@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 import norm_optax as nox
+from tests.cases import normal_tree
 
 Tree = dict[str, Any]
 NpProject = Callable[[Tree], Tree]
@@ -26,17 +27,8 @@ _NOT_SCALAR = {"kernel": True, "conv": True, "bias": True, "scalar": False}
 
 
 def _tree(seed: int, dtype: Any = jnp.float32, scale: float = 1.0) -> Tree:
-    rng = np.random.default_rng(seed)
-
-    def arr(*shape: int) -> jax.Array:
-        return jnp.asarray(scale * rng.standard_normal(shape), dtype=dtype)
-
-    return {
-        "kernel": arr(6, 3),
-        "conv": arr(3, 3, 2, 4),
-        "bias": arr(3),
-        "scalar": arr(),
-    }
+    shapes = {"kernel": (6, 3), "conv": (3, 3, 2, 4), "bias": (3,), "scalar": ()}
+    return normal_tree(seed, shapes, dtype, scale)
 
 
 def _new_params(tx: optax.GradientTransformation, updates: Tree, params: Tree) -> Tree:
@@ -275,17 +267,8 @@ CONSTRAINTS: list[tuple[str, optax.GradientTransformation, Check]] = [
 
 
 def _big_tree(seed: int, dtype: Any, scale: float) -> Tree:
-    rng = np.random.default_rng(seed)
-
-    def arr(*shape: int) -> jax.Array:
-        return jnp.asarray(scale * rng.standard_normal(shape), dtype=dtype)
-
-    return {
-        "kernel": arr(64, 8),
-        "conv": arr(3, 3, 4, 4),
-        "bias": arr(8),
-        "emb": arr(5, 40),
-    }
+    shapes = {"kernel": (64, 8), "conv": (3, 3, 4, 4), "bias": (8,), "emb": (5, 40)}
+    return normal_tree(seed, shapes, dtype, scale)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32], ids=str)
