@@ -45,12 +45,7 @@ def _global(
     def update_fn(
         updates: optax.Updates, state: optax.EmptyState, params: Any = None
     ) -> tuple[optax.Updates, optax.EmptyState]:
-        _common.check_params(params, transform)
-        _common.check_same_structure(updates, params, "params")
-        if mask is None:
-            masks = jax.tree.map(lambda _: True, updates)
-        else:
-            masks = _common.resolve_mask(mask, updates, params)
+        masks = _common.checked_masks(transform, updates, params, mask)
         flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
         ps, ms = jax.tree.leaves(params), jax.tree.leaves(masks)
         chosen = []

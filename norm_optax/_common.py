@@ -31,6 +31,7 @@ __all__ = [
     "check_params",
     "check_range",
     "check_same_structure",
+    "checked_masks",
     "concrete_value",
     "leaf_params",
     "map_inexact",
@@ -193,6 +194,19 @@ def leaf_params(transform: str, path: str, u: jax.Array, p: Any) -> jax.Array | 
     return p
 
 
+def checked_masks(transform: str, updates: Any, params: Any, mask: Mask) -> Any:
+    """The update-time checks of a params-reading transform; the resolved mask.
+
+    Raises if ``params`` is missing or does not match ``updates``; returns
+    ``mask`` as a bool tree matching ``updates`` (all ``True`` if ``None``).
+    """
+    check_params(params, transform)
+    check_same_structure(updates, params, "params")
+    if mask is None:
+        return jax.tree.map(lambda _: True, updates)
+    return resolve_mask(mask, updates, params)
+
+
 def params_transform(
     transform: str, leaf_fn: LeafFn, mask: Mask
 ) -> optax.GradientTransformation:
@@ -210,9 +224,7 @@ def params_transform(
     def update_fn(
         updates: optax.Updates, state: optax.EmptyState, params: Any = None
     ) -> tuple[optax.Updates, optax.EmptyState]:
-        check_params(params, transform)
-        check_same_structure(updates, params, "params")
-        masks = None if mask is None else resolve_mask(mask, updates, params)
+        masks = checked_masks(transform, updates, params, mask)
         out = map_inexact(apply, updates, params, mask=masks, with_path=True)
         return out, state
 
