@@ -2,10 +2,25 @@
 
     python notebooks/build.py            # write the three notebooks, no outputs
     python notebooks/build.py --execute  # ...and run them (full size), save outputs
+    python notebooks/build.py --execute 02_exploding_gradients.ipynb  # just one
 
-The committed notebooks carry the outputs of a full-size run, so a reader on
-GitHub sees the tables and plots. The tests execute them with
-``NORM_OPTAX_SMALL=1`` (a few steps per run) and check the outputs.
+This file is the source of truth of the notebooks' cells. The committed
+notebooks carry the outputs of a full-size run, so a reader on GitHub sees
+the tables and plots. The tests execute them with ``NORM_OPTAX_SMALL=1`` (a
+few steps per run) and check the outputs, and
+``tests/test_notebooks.py::test_committed_notebook_matches_build`` fails when
+a committed ``.ipynb``'s cell sources differ from what this file builds
+(outputs, execution counts and metadata are not compared).
+
+To change a notebook:
+
+1. edit its cells here (never the ``.ipynb`` by hand: the drift test fails);
+2. run ``python notebooks/build.py --execute NAME.ipynb`` to regenerate it
+   and save the outputs of a full-size run;
+3. commit this file and the ``.ipynb`` together.
+
+:func:`cells` and :func:`build_notebook` are pure (no execution, no file
+written): the drift test compares their result with the committed files.
 """
 
 from __future__ import annotations
@@ -490,9 +505,15 @@ NOTEBOOKS = {
 }
 
 
-def build(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
+def cells(name: str) -> list[tuple[str, str]]:
+    """The ``(cell_type, source)`` pairs of notebook ``name``, in order."""
+    return list(NOTEBOOKS[name])
+
+
+def build_notebook(name: str) -> nbformat.NotebookNode:
+    """Notebook ``name`` with its cells and metadata, not executed."""
     nb = nbformat.v4.new_notebook()
-    for kind, source in cells:
+    for kind, source in cells(name):
         if kind == "markdown":
             nb.cells.append(nbformat.v4.new_markdown_cell(source))
         else:
@@ -508,12 +529,14 @@ def build(cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--execute", action="store_true", help="run and save outputs")
     parser.add_argument("names", nargs="*", help="notebooks to build (default: all)")
     args = parser.parse_args()
     for name in args.names or NOTEBOOKS:
-        nb = build(NOTEBOOKS[name])
+        nb = build_notebook(name)
         if args.execute:
             os.environ.pop("NORM_OPTAX_SMALL", None)
             start = time.perf_counter()

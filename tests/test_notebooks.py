@@ -1,14 +1,32 @@
-"""The notebooks run top to bottom (small size) and show their tables and plots."""
+"""The notebooks match their source, run top to bottom (small size) and show
+their tables and plots."""
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
+from types import ModuleType
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def _load_build() -> ModuleType:
+    """``notebooks/build.py``, imported from its path (not the ``build`` package)."""
+    spec = importlib.util.spec_from_file_location(
+        "norm_optax_notebooks_build", NOTEBOOKS / "build.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILD = _load_build()
 
 # Text each notebook must show (in any output), besides at least one plot.
 EXPECTED = {
@@ -49,6 +67,61 @@ def _outputs(nb: nbformat.NotebookNode) -> tuple[str, int]:
 
 def test_every_notebook_is_tested() -> None:
     assert sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")) == sorted(EXPECTED)
+    assert sorted(BUILD.NOTEBOOKS) == sorted(EXPECTED)
+
+
+def _first_difference(
+    committed: list[tuple[str, str]], built: list[tuple[str, str]]
+) -> str | None:
+    """Where two lists of ``(cell_type, source)`` first differ, in words."""
+    for i, (have, want) in enumerate(zip(committed, built, strict=False)):
+        if have == want:
+            continue
+        if have[0] != want[0]:
+            return f"cell {i} is a {have[0]} cell, build.py makes a {want[0]} cell"
+        have_lines, want_lines = have[1].splitlines(), want[1].splitlines()
+        j = next(
+            (
+                k
+                for k, pair in enumerate(zip(have_lines, want_lines, strict=False))
+                if pair[0] != pair[1]
+            ),
+            min(len(have_lines), len(want_lines)),
+        )
+        if j == len(have_lines) == len(want_lines):
+            return f"cell {i} ({have[0]}): the sources differ only in line endings"
+        end = "<end of cell>"
+        a = have_lines[j] if j < len(have_lines) else end
+        b = want_lines[j] if j < len(want_lines) else end
+        return (
+            f"cell {i} ({have[0]}), line {j + 1}:\n"
+            f"  committed: {a!r}\n  build.py:  {b!r}"
+        )
+    if len(committed) != len(built):
+        return (
+            f"the committed notebook has {len(committed)} cells, "
+            f"build.py makes {len(built)}"
+        )
+    return None
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_committed_notebook_matches_build(name: str) -> None:
+    """The committed cell sources are what ``notebooks/build.py`` makes.
+
+    Outputs, execution counts and metadata are not compared: only each
+    cell's type and source, in order.
+    """
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    committed = [(cell.cell_type, cell.source) for cell in nb.cells]
+    built = [(cell.cell_type, cell.source) for cell in BUILD.build_notebook(name).cells]
+    assert built == BUILD.cells(name)
+    difference = _first_difference(committed, built)
+    assert difference is None, (
+        f"notebooks/{name} has drifted from notebooks/build.py: {difference}\n"
+        "Edit the cells in notebooks/build.py, then run "
+        f"`python notebooks/build.py --execute {name}` and commit both files."
+    )
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
