@@ -23,13 +23,15 @@ from norm_optax._decay import add_l1_decay as add_l1_decay
 from norm_optax._decay import add_l2_decay as add_l2_decay
 from norm_optax._decay import l1_penalty as l1_penalty
 from norm_optax._decay import l2_penalty as l2_penalty
-from norm_optax._decay import prox_l1 as prox_l1
 from norm_optax._projection import clip_weights as clip_weights
 from norm_optax._projection import max_norm as max_norm
 from norm_optax._projection import min_max_norm as min_max_norm
 from norm_optax._projection import non_negative as non_negative
 from norm_optax._projection import project_linf_ball as project_linf_ball
 from norm_optax._projection import unit_norm as unit_norm
+from norm_optax._prox import prox_elastic_net as prox_elastic_net
+from norm_optax._prox import prox_group_l1 as prox_group_l1
+from norm_optax._prox import prox_l1 as prox_l1
 from norm_optax._stateful import AutoClipState as AutoClipState
 from norm_optax._stateful import RecordNormsState as RecordNormsState
 from norm_optax._stateful import SkipOnSpikeState as SkipOnSpikeState
@@ -38,15 +40,17 @@ from norm_optax._stateful import autoclip as autoclip
 from norm_optax._stateful import record_norms as record_norms
 from norm_optax._stateful import skip_on_spike as skip_on_spike
 from norm_optax._stateful import zclip as zclip
+from norm_optax._transform import ScheduleState as ScheduleState
 from norm_optax.norms import global_norm as global_norm
 from norm_optax.norms import leaf_norms as leaf_norms
 from norm_optax.norms import unit_norms as unit_norms
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AutoClipState",
     "RecordNormsState",
+    "ScheduleState",
     "SkipOnSpikeState",
     "ZClipState",
     "__version__",
@@ -70,6 +74,8 @@ __all__ = [
     "project_l1_ball",
     "project_l2_ball",
     "project_linf_ball",
+    "prox_elastic_net",
+    "prox_group_l1",
     "prox_l1",
     "record_norms",
     "skip_on_spike",

@@ -11,62 +11,26 @@ no leaf is ever gathered.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from norm_optax import _common, _sharding
-from norm_optax._clipping import clip_scale
-from norm_optax._projection import finish, inner_bound, wide_sum
-from norm_optax.norms import is_inexact, norm_of_leaves
+from norm_optax import _norms
+from norm_optax._domains import NONNEGATIVE, declare
+from norm_optax._numerics import clip_scale, inner_bound, soft_threshold
+from norm_optax._transform import Target, projection
+from norm_optax._types import Mask, Scalar
 
-__all__ = ["l1_ball_threshold", "project_l1_ball", "project_l2_ball", "soft_threshold"]
+__all__ = ["project_l1_ball", "project_l2_ball"]
 
-
-# ---------------------------------------------------------------------------
-# Balls over the whole tree.
-# ---------------------------------------------------------------------------
-
-Project = Callable[[list[jax.Array]], tuple[list[jax.Array], jax.Array]]
-
-
-def _global(
-    transform: str, project: Project, mask: _common.Mask
-) -> optax.GradientTransformation:
-    """Projects all selected leaves of ``p + u`` together.
-
-    ``project(xs)`` returns the targets and a scalar ``keep`` (``True`` when
-    ``p + u`` is already inside, so the updates pass unchanged).
-    """
-
-    def update_fn(
-        updates: optax.Updates, state: optax.EmptyState, params: Any = None
-    ) -> tuple[optax.Updates, optax.EmptyState]:
-        masks = _common.checked_masks(transform, updates, params, mask)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
-        ps, ms = jax.tree.leaves(params), jax.tree.leaves(masks)
-        chosen = []
-        for i, ((path, u), p, m) in enumerate(zip(flat, ps, ms, strict=True)):
-            if m and is_inexact(u):
-                p = _common.leaf_params(transform, _common.path_str(path), u, p)
-                if p is not None:
-                    chosen.append((i, jnp.asarray(u), p))
-        out = [u for _, u in flat]
-        if chosen:
-            targets, keep = project([wide_sum(p, u) for _, u, p in chosen])
-            for (i, u, p), t in zip(chosen, targets, strict=True):
-                out[i] = finish(u, p, t, keep)
-        return jax.tree.unflatten(treedef, out), state
-
-    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+Values = dict[str, Any]
 
 
 def project_l2_ball(
-    radius: Any, mask: _common.Mask = None
-) -> optax.GradientTransformation:
+    radius: Scalar, mask: Mask = None
+) -> optax.GradientTransformationExtraArgs:
     r"""Euclidean projection of the whole parameter tree onto the L2 ball.
 
     .. math:: p \leftarrow (p + u) \cdot \min\!\left(1,
@@ -106,19 +70,20 @@ def project_l2_ball(
       >>> np.asarray(new["a"]).round(4), np.asarray(new["b"]).round(4)
       (array([0.6, 0. ], dtype=float32), array([0.8], dtype=float32))
     """
-    _common.check_nonnegative(radius, "radius")
+    hypers = declare(radius=(radius, NONNEGATIVE))
 
-    def project(xs: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
-        norm = norm_of_leaves(tuple(xs), 2)
-        scale = clip_scale(norm, inner_bound(radius, norm.dtype))
-        keep = norm <= jnp.asarray(radius).astype(norm.dtype)
+    def project(xs: list[jax.Array], values: Values) -> tuple[list[jax.Array], Any]:
+        norm = _norms.tree_norm(xs, 2, axis_name=None)
+        r = values["radius"]
+        scale = clip_scale(norm, inner_bound(r, norm.dtype))
+        keep = (norm <= jnp.asarray(r).astype(norm.dtype)) & jnp.isfinite(norm)
         scale = jnp.where(keep, 1, scale)
-        return [x * scale.astype(x.dtype) for x in xs], keep & jnp.isfinite(norm)
+        return [x * scale.astype(x.dtype) for x in xs], keep
 
-    return _global("project_l2_ball", project, mask)
+    return projection("project_l2_ball", Target("tree", project), hypers, mask=mask)
 
 
-def l1_ball_threshold(xs: list[jax.Array], radius: Any) -> jax.Array:
+def _l1_ball_threshold(xs: list[jax.Array], radius: Any) -> jax.Array:
     r"""The soft threshold :math:`\theta` of the projection onto the L1 ball.
 
     :math:`\theta \ge 0` solves :math:`f(\theta) = \sum_i \max(|x_i| - \theta, 0)
@@ -140,10 +105,8 @@ def l1_ball_threshold(xs: list[jax.Array], radius: Any) -> jax.Array:
     ) -> tuple[jax.Array, jax.Array]:
         """``f(theta)``, summed from the small differences, and the support size."""
         above = [m - theta.astype(m.dtype) for m in mags]
-        excess = _sharding.reduce_to_scalar(
-            [jnp.maximum(d, 0) for d in above], "sum", dtype
-        )
-        support = _sharding.reduce_to_scalar(
+        excess = _norms.tree_total([jnp.maximum(d, 0) for d in above], "sum", dtype)
+        support = _norms.tree_total(
             [(d > 0).astype(dtype) for d in above], "sum", dtype
         )
         return excess - r, support
@@ -169,26 +132,14 @@ def l1_ball_threshold(xs: list[jax.Array], radius: Any) -> jax.Array:
     ulp = jnp.nextafter(fixed, jnp.full_like(fixed, jnp.inf)) - fixed
     over = excess_and_support(fixed, fixed_mags, fixed_r)[0] > 0
     theta = theta + jnp.where(over, ulp, 0)
-    total = norm_of_leaves(tuple(mags), 1).astype(dtype)
+    total = _norms.tree_norm(mags, 1, axis_name=None).astype(dtype)
     theta = jnp.where(total <= r, 0, jnp.maximum(theta, 0))
     return jnp.where(jnp.isfinite(total) & (r >= 0), theta, jnp.nan)
 
 
-def soft_threshold(x: jax.Array, theta: jax.Array) -> jax.Array:
-    r"""Soft threshold :math:`\operatorname{sign}(x) \max(|x| - \theta, 0)`."""
-    mag = jnp.abs(x)
-    shrunk = jnp.maximum(mag - theta.astype(mag.dtype), 0)
-    if jnp.iscomplexobj(x):
-        positive = mag > 0
-        return x * jnp.where(positive, shrunk / jnp.where(positive, mag, 1), 0).astype(
-            x.dtype
-        )
-    return jnp.sign(x) * shrunk
-
-
 def project_l1_ball(
-    radius: Any, mask: _common.Mask = None
-) -> optax.GradientTransformation:
+    radius: Scalar, mask: Mask = None
+) -> optax.GradientTransformationExtraArgs:
     r"""Exact Euclidean projection of the whole parameter tree onto the L1 ball.
 
     .. math:: P(x) = \operatorname*{arg\,min}_{\|y\|_1 \le r} \|y - x\|_2
@@ -238,12 +189,13 @@ def project_l1_ball(
       Duchi et al., `Efficient Projections onto the l1-Ball for Learning in
       High Dimensions <https://dl.acm.org/doi/10.1145/1390156.1390191>`_, 2008
     """
-    _common.check_nonnegative(radius, "radius")
+    hypers = declare(radius=(radius, NONNEGATIVE))
 
-    def project(xs: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
-        total = norm_of_leaves(tuple(xs), 1)
-        keep = total <= jnp.asarray(radius).astype(total.dtype)
-        theta = l1_ball_threshold(xs, inner_bound(radius, total.dtype))
-        return [soft_threshold(x, theta) for x in xs], keep & jnp.isfinite(total)
+    def project(xs: list[jax.Array], values: Values) -> tuple[list[jax.Array], Any]:
+        r = values["radius"]
+        total = _norms.tree_norm(xs, 1, axis_name=None)
+        keep = (total <= jnp.asarray(r).astype(total.dtype)) & jnp.isfinite(total)
+        theta = _l1_ball_threshold(xs, inner_bound(r, total.dtype))
+        return [soft_threshold(x, theta) for x in xs], keep
 
-    return _global("project_l1_ball", project, mask)
+    return projection("project_l1_ball", Target("tree", project), hypers, mask=mask)

@@ -17,14 +17,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from norm_optax import _common
-from norm_optax.norms import (
-    Ord,
-    canonical_axes,
-    canonical_ord,
-    global_norm,
-    norm_of_leaves,
-)
+from norm_optax import _layout, _norms
+from norm_optax._domains import NONNEGATIVE, declare, poison
+from norm_optax._numerics import as_real, clip_scale, safe_ratio, scale_leaf
+from norm_optax._transform import Leaf, leafwise, map_inexact, stateless
+from norm_optax._types import Axis, Mask, Ord, PyTree, Scalar, StackAxes
+from norm_optax.norms import global_norm
 
 __all__ = [
     "adaptive_clip",
@@ -35,21 +33,7 @@ __all__ = [
 ]
 
 
-def clip_scale(norm: jax.Array, max_norm: Any) -> jax.Array:
-    """``min(1, max_norm / norm)`` in ``norm``'s dtype, NaN if it is not usable.
-
-    NaN when ``norm`` is NaN or infinite, or when a traced ``max_norm`` is NaN
-    or negative (a negative threshold would flip the gradient's sign).
-    """
-    max_norm = jnp.asarray(max_norm).astype(norm.dtype)
-    over = norm > max_norm
-    # Divide by a safe value so the unselected branch has a finite gradient.
-    scale = jnp.where(over, max_norm / jnp.where(over, norm, 1), 1)
-    usable = jnp.isfinite(norm) & (max_norm >= 0)  # False for a NaN max_norm
-    return jnp.where(usable, scale, jnp.nan)
-
-
-def clip_by_value(max_delta: Any) -> optax.GradientTransformation:
+def clip_by_value(max_delta: Scalar) -> optax.GradientTransformationExtraArgs:
     r"""Truncates each element of the updates to ``[-max_delta, max_delta]``.
 
     .. math:: g_i \leftarrow \min(\max(g_i, -\delta), \delta)
@@ -84,33 +68,38 @@ def clip_by_value(max_delta: Any) -> optax.GradientTransformation:
       Mikolov, `Statistical Language Models Based on Neural Networks
       <https://www.fit.vut.cz/study/phd-thesis-file/283/283.pdf>`_, 2012
     """
-    _common.check_nonnegative(max_delta, "max_delta")
+    hypers = declare(max_delta=(max_delta, NONNEGATIVE))
 
-    def clip(x: jax.Array) -> jax.Array:
+    def clip(x: jax.Array, bound: Scalar) -> jax.Array:
         if jnp.iscomplexobj(x):
-            return jax.lax.complex(clip(x.real), clip(x.imag))
-        bound = jnp.asarray(max_delta).astype(x.dtype)
-        return jnp.clip(x, -bound, bound)
+            return jax.lax.complex(clip(x.real, bound), clip(x.imag, bound))
+        b = jnp.asarray(bound).astype(x.dtype)
+        return jnp.clip(x, -b, b)
 
-    def update_fn(
-        updates: optax.Updates, state: optax.EmptyState, params: Any = None
-    ) -> tuple[optax.Updates, optax.EmptyState]:
-        del params
-        return _common.map_inexact(clip, updates), state
+    def leaf(u: jax.Array, p: None, leaf: Leaf, values: dict[str, Any]) -> jax.Array:
+        del p, leaf
+        return clip(u, values["max_delta"])
 
-    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+    return leafwise("clip_by_value", leaf, hypers, needs_params=False)
 
 
 def clip_by_norm(
-    max_norm: Any, ord: Ord = 2, axis_name: Any = None
-) -> optax.GradientTransformation:
+    max_norm: Scalar,
+    ord: Ord = 2,
+    axis_name: Any = None,
+    *,
+    stack_axes: StackAxes = None,
+) -> optax.GradientTransformationExtraArgs:
     r"""Scales each leaf so that its own ``ord``-norm is at most ``max_norm``.
 
     .. math:: g_\ell \leftarrow g_\ell \cdot \min\!\left(1,
        \frac{\tau}{\|g_\ell\|_p}\right)
 
     Each leaf (each parameter tensor) is clipped on its own, so the relative
-    size of leaves changes; :func:`clip_by_global_norm` keeps it.
+    size of leaves changes; :func:`clip_by_global_norm` keeps it. With
+    ``stack_axes`` (stacked layers, API.md section 6) each layer's slice of a
+    leaf is clipped by its own norm: a ``(L, in, out)`` kernel with
+    ``stack_axes=1`` is ``L`` tensors, not one.
 
     Place it before the optimizer:
     ``optax.chain(nox.clip_by_norm(1.0), optax.adam(1e-3))``.
@@ -121,12 +110,19 @@ def clip_by_norm(
       axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) over
         which each leaf is split; each leaf's norm is then combined across
         it. ``None`` otherwise.
+      stack_axes: how many leading axes of each leaf index stacked layers:
+        ``None`` (none), an int for every leaf, a tree of ints or bools
+        matching the updates, or a callable ``updates -> that tree``. Under
+        :func:`optax.inject_hyperparams` pass it in ``static_args``.
 
     Returns:
-      A stateless :class:`optax.GradientTransformation`.
+      A stateless :class:`optax.GradientTransformationExtraArgs` (extra
+      keyword arguments to ``update`` are accepted and ignored).
 
     Raises:
-      ValueError: ``max_norm`` is negative or NaN, or ``ord`` is unknown.
+      ValueError: ``max_norm`` is negative or NaN, or ``ord`` is unknown (at
+        construction); ``stack_axes`` is larger than a leaf's ndim (at
+        update, naming the leaf's path and shape).
 
     Example:
       >>> import jax.numpy as jnp
@@ -141,25 +137,26 @@ def clip_by_norm(
       Pascanu et al., `On the difficulty of training Recurrent Neural Networks
       <https://arxiv.org/abs/1211.5063>`_, 2013
     """
-    _common.check_nonnegative(max_norm, "max_norm")
-    ord = canonical_ord(ord)
+    hypers = declare(max_norm=(max_norm, NONNEGATIVE))
+    ord = _norms.canonical_ord(ord, name="ord")
 
-    def clip(x: jax.Array) -> jax.Array:
-        norm = norm_of_leaves((x,), ord, axis_name=axis_name)
-        return _common.scale_leaf(x, clip_scale(norm, max_norm))
+    def leaf(u: jax.Array, p: None, leaf: Leaf, values: dict[str, Any]) -> jax.Array:
+        del p
+        if leaf.stack == 0:
+            norm = _norms.tree_norm([u], ord, axis_name=axis_name)
+        else:
+            axes = _layout.layer_axes(leaf.shape, leaf.stack)
+            norm = _norms.axes_norm(u, ord, axes, axis_name=axis_name)
+        return scale_leaf(u, clip_scale(norm, values["max_norm"]))
 
-    def update_fn(
-        updates: optax.Updates, state: optax.EmptyState, params: Any = None
-    ) -> tuple[optax.Updates, optax.EmptyState]:
-        del params
-        return _common.map_inexact(clip, updates), state
-
-    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+    return leafwise(
+        "clip_by_norm", leaf, hypers, needs_params=False, stack_axes=stack_axes
+    )
 
 
 def clip_by_global_norm(
-    max_norm: Any, ord: Ord = 2, axis_name: Any = None
-) -> optax.GradientTransformation:
+    max_norm: Scalar, ord: Ord = 2, axis_name: Any = None
+) -> optax.GradientTransformationExtraArgs:
     r"""Scales the whole update tree so that its global norm is at most ``max_norm``.
 
     .. math:: g \leftarrow g \cdot \min\!\left(1, \frac{\tau}{\|g\|_p}\right),
@@ -201,34 +198,32 @@ def clip_by_global_norm(
       Pascanu et al., `On the difficulty of training Recurrent Neural Networks
       <https://arxiv.org/abs/1211.5063>`_, 2013
     """
-    _common.check_nonnegative(max_norm, "max_norm")
-    ord = canonical_ord(ord)
+    hypers = declare(max_norm=(max_norm, NONNEGATIVE))
+    ord = _norms.canonical_ord(ord, name="ord")
 
-    def update_fn(
-        updates: optax.Updates, state: optax.EmptyState, params: Any = None
-    ) -> tuple[optax.Updates, optax.EmptyState]:
+    def update(updates: PyTree, params: Any) -> PyTree:
         del params
+        values = hypers.at(None)
         norm = global_norm(updates, ord, axis_name=axis_name)
-        scale = clip_scale(norm, max_norm)
+        limit = values["max_norm"]
+        scale = poison(clip_scale(norm, limit), hypers.valid(values))
         # Within the limit the leaf is selected as it is, not multiplied by 1:
         # when the output is the donated input buffer, XLA:CPU's kernel then
         # branches over the whole leaf (no load, no store), so a call that
         # needs no clipping costs only the norm. ``within`` is False for a NaN
-        # or infinite norm and for a NaN or negative traced max_norm, where
-        # ``scale`` is NaN.
-        within = norm <= jnp.asarray(max_norm).astype(norm.dtype)
+        # or infinite norm, whatever the limit (an infinite one included), and
+        # wherever ``scale`` is NaN.
+        within = jnp.isfinite(scale) & (norm <= as_real(limit, norm))
+        return map_inexact(
+            lambda x: jnp.where(within, x, scale_leaf(x, scale)), updates
+        )
 
-        def clip(x: jax.Array) -> jax.Array:
-            return jnp.where(within, x, _common.scale_leaf(x, scale))
-
-        return _common.map_inexact(clip, updates), state
-
-    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+    return stateless(update)
 
 
 def normalize_by_global_norm(
-    norm: Any = 1.0, axis_name: Any = None
-) -> optax.GradientTransformation:
+    norm: Scalar = 1.0, axis_name: Any = None
+) -> optax.GradientTransformationExtraArgs:
     r"""Scales the whole update tree to a global L2 norm of exactly ``norm``.
 
     .. math:: g \leftarrow g \cdot \frac{\nu}{\|g\|_2}, \qquad 0 \mapsto 0
@@ -264,32 +259,28 @@ def normalize_by_global_norm(
       Hazan et al., `Beyond Convexity: Stochastic Quasi-Convex Optimization
       <https://arxiv.org/abs/1507.02030>`_, 2015
     """
-    _common.check_nonnegative(norm, "norm")
-    target = norm
+    hypers = declare(norm=(norm, NONNEGATIVE))
 
-    def update_fn(
-        updates: optax.Updates, state: optax.EmptyState, params: Any = None
-    ) -> tuple[optax.Updates, optax.EmptyState]:
+    def update(updates: PyTree, params: Any) -> PyTree:
         del params
+        values = hypers.at(None)
         g_norm = global_norm(updates, axis_name=axis_name)
-        wanted = jnp.asarray(target).astype(g_norm.dtype)
-        positive = g_norm > 0
-        scale = jnp.where(positive, wanted / jnp.where(positive, g_norm, 1), 1)
-        usable = jnp.isfinite(g_norm) & (wanted >= 0)
-        scale = jnp.where(usable, scale, jnp.nan)
-        return _common.map_inexact(
-            lambda x: _common.scale_leaf(x, scale), updates
-        ), state
+        scale = safe_ratio(as_real(values["norm"], g_norm), g_norm, 1)
+        scale = jnp.where(jnp.isfinite(g_norm), scale, jnp.nan)
+        scale = poison(scale, hypers.valid(values))
+        return map_inexact(lambda x: scale_leaf(x, scale), updates)
 
-    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+    return stateless(update)
 
 
 def adaptive_clip(
-    clipping: Any,
-    eps: Any = 1e-3,
-    axis: int | tuple[int, ...] | None = None,
-    mask: _common.Mask = None,
-) -> optax.GradientTransformation:
+    clipping: Scalar,
+    eps: Scalar = 1e-3,
+    axis: Axis = None,
+    mask: Mask = None,
+    *,
+    stack_axes: StackAxes = None,
+) -> optax.GradientTransformationExtraArgs:
     r"""Adaptive gradient clipping (AGC): clips each unit relative to its weights.
 
     For every unit :math:`u` (see :func:`norm_optax.unit_norms`),
@@ -342,18 +333,27 @@ def adaptive_clip(
       Brock et al., `High-Performance Large-Scale Image Recognition Without
       Normalization <https://arxiv.org/abs/2102.06171>`_, 2021
     """
-    _common.check_nonnegative(clipping, "clipping")
-    _common.check_nonnegative(eps, "eps")
+    hypers = declare(clipping=(clipping, NONNEGATIVE), eps=(eps, NONNEGATIVE))
+    _layout.check_axis(axis)
 
-    def clip(path: str, g: jax.Array, p: jax.Array) -> jax.Array:
-        axes = canonical_axes(axis, g.shape, where=path)
-        g_norm = norm_of_leaves((g,), 2, axes)
-        p_norm = norm_of_leaves((p,), 2, axes).astype(g_norm.dtype)
-        floor = jnp.asarray(eps).astype(g_norm.dtype)
-        ratio = jnp.asarray(clipping).astype(g_norm.dtype)
+    def clip(
+        g: jax.Array, p: jax.Array, leaf: Leaf, values: dict[str, Any]
+    ) -> jax.Array:
+        g_norm = _norms.axes_norm(g, 2, leaf.axes, axis_name=None)
+        p_norm = _norms.axes_norm(p, 2, leaf.axes, axis_name=None).astype(g_norm.dtype)
+        floor = as_real(values["eps"], g_norm)
+        ratio = as_real(values["clipping"], g_norm)
         scale = clip_scale(g_norm, ratio * jnp.maximum(p_norm, floor))
-        # A NaN weight norm, or a traced negative eps, must not pass silently.
-        scale = jnp.where(jnp.isnan(p_norm) | (floor < 0), jnp.nan, scale)
-        return _common.scale_leaf(g, scale)
+        # A NaN weight norm must not pass silently.
+        scale = jnp.where(jnp.isnan(p_norm), jnp.nan, scale)
+        return scale_leaf(g, scale)
 
-    return _common.params_transform("adaptive_clip", clip, mask)
+    return leafwise(
+        "adaptive_clip",
+        clip,
+        hypers,
+        needs_params=True,
+        mask=mask,
+        axis=axis,
+        stack_axes=stack_axes,
+    )

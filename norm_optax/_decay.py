@@ -6,8 +6,8 @@
   penalty's gradient goes through Adam's normalisation); after the
   optimizer's scaling and before the learning rate they are *decoupled*
   weight decay (AdamW).
-* :func:`prox_l1` is the proximal step of an L1 penalty (soft thresholding),
-  placed last: it produces exact zeros.
+* the proximal steps (:func:`norm_optax.prox_l1` and friends, placed last,
+  which produce exact zeros) are in ``_prox``.
 * :func:`l2_penalty` and :func:`l1_penalty` are the loss-side terms, plain
   functions to add to a loss.
 
@@ -22,26 +22,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from norm_optax import _common
-from norm_optax._balls import soft_threshold
-from norm_optax._projection import finish, wide_sum, widen
+from norm_optax._domains import FINITE_NONNEGATIVE, declare
+from norm_optax._numerics import add_scaled, widen
+from norm_optax._transform import Leaf, leafwise
+from norm_optax._types import Mask, PyTree, Scalar
 from norm_optax.norms import global_norm
 
-__all__ = ["add_l1_decay", "add_l2_decay", "l1_penalty", "l2_penalty", "prox_l1"]
+__all__ = ["add_l1_decay", "add_l2_decay", "l1_penalty", "l2_penalty"]
 
 
-def _add_scaled(g: jax.Array, coeff: Any, d: jax.Array) -> jax.Array:
-    """``g + coeff * d`` in the accumulation precision, cast once to ``g``'s dtype."""
-    g_wide, d_wide = widen(g), widen(d)
-    dtype = np.promote_types(g_wide.dtype, d_wide.dtype)
-    c = jnp.asarray(coeff).astype(np.dtype(jnp.finfo(dtype).dtype)).astype(dtype)
-    return (g_wide.astype(dtype) + c * d_wide.astype(dtype)).astype(g.dtype)
-
-
-def add_l2_decay(coeff: Any, mask: _common.Mask = None) -> optax.GradientTransformation:
+def add_l2_decay(
+    coeff: Scalar, mask: Mask = None
+) -> optax.GradientTransformationExtraArgs:
     r"""Adds ``coeff`` times the parameters to the updates: L2 decay.
 
     .. math:: g \leftarrow g + \lambda\, p
@@ -73,7 +67,7 @@ def add_l2_decay(coeff: Any, mask: _common.Mask = None) -> optax.GradientTransfo
       A stateless :class:`optax.GradientTransformation` that needs ``params``.
 
     Raises:
-      ValueError: ``coeff`` is negative or NaN (at construction); ``params``
+      ValueError: ``coeff`` is negative, NaN or infinite (at construction); ``params``
         is missing or ``params``/``mask`` does not match the updates (at
         update).
 
@@ -90,16 +84,20 @@ def add_l2_decay(coeff: Any, mask: _common.Mask = None) -> optax.GradientTransfo
       Loshchilov & Hutter, `Decoupled Weight Decay Regularization
       <https://arxiv.org/abs/1711.05101>`_, 2019
     """
-    _common.check_nonnegative(coeff, "coeff")
+    hypers = declare(coeff=(coeff, FINITE_NONNEGATIVE))
 
-    def leaf(path: str, g: jax.Array, p: jax.Array) -> jax.Array:
-        del path
-        return _add_scaled(g, coeff, p)
+    def decay(
+        g: jax.Array, p: jax.Array, leaf: Leaf, values: dict[str, Any]
+    ) -> jax.Array:
+        del leaf
+        return add_scaled(g, values["coeff"], p)
 
-    return _common.params_transform("add_l2_decay", leaf, mask)
+    return leafwise("add_l2_decay", decay, hypers, needs_params=True, mask=mask)
 
 
-def add_l1_decay(coeff: Any, mask: _common.Mask = None) -> optax.GradientTransformation:
+def add_l1_decay(
+    coeff: Scalar, mask: Mask = None
+) -> optax.GradientTransformationExtraArgs:
     r"""Adds ``coeff`` times the sign of the parameters to the updates: L1 decay.
 
     .. math:: g \leftarrow g + \lambda \operatorname{sign}(p)
@@ -121,7 +119,7 @@ def add_l1_decay(coeff: Any, mask: _common.Mask = None) -> optax.GradientTransfo
       A stateless :class:`optax.GradientTransformation` that needs ``params``.
 
     Raises:
-      ValueError: ``coeff`` is negative or NaN (at construction); ``params``
+      ValueError: ``coeff`` is negative, NaN or infinite (at construction); ``params``
         is missing or ``params``/``mask`` does not match the updates (at
         update).
 
@@ -138,82 +136,18 @@ def add_l1_decay(coeff: Any, mask: _common.Mask = None) -> optax.GradientTransfo
       Tibshirani, `Regression Shrinkage and Selection via the Lasso
       <https://doi.org/10.1111/j.2517-6161.1996.tb02080.x>`_, 1996
     """
-    _common.check_nonnegative(coeff, "coeff")
+    hypers = declare(coeff=(coeff, FINITE_NONNEGATIVE))
 
-    def leaf(path: str, g: jax.Array, p: jax.Array) -> jax.Array:
-        del path
-        return _add_scaled(g, coeff, jnp.sign(widen(p)))
+    def decay(
+        g: jax.Array, p: jax.Array, leaf: Leaf, values: dict[str, Any]
+    ) -> jax.Array:
+        del leaf
+        return add_scaled(g, values["coeff"], jnp.sign(widen(p)))
 
-    return _common.params_transform("add_l1_decay", leaf, mask)
-
-
-def prox_l1(
-    coeff: Any, learning_rate: Any, mask: _common.Mask = None
-) -> optax.GradientTransformation:
-    r"""Proximal L1 step (soft thresholding): decay that reaches exact zeros.
-
-    With :math:`x = p + u` the proposed parameters and
-    :math:`\tau = \eta \lambda` (``learning_rate * coeff``),
-
-    .. math:: p \leftarrow \operatorname{sign}(x) \max(|x| - \tau, 0),
-       \qquad u' = \operatorname{sign}(x) \max(|x| - \tau, 0) - p
-
-    the proximal operator of :math:`\tau \|\cdot\|_1` (FOBOS, Duchi & Singer):
-    a gradient step on the loss followed by the exact minimisation of the L1
-    term. Entries with :math:`|x| \le \tau` become exactly ``0`` after
-    ``optax.apply_updates`` (``u' = -p`` there), which a subgradient
-    (:func:`add_l1_decay`) never achieves. The others move toward zero by
-    :math:`\tau`, up to one rounding of the parameter dtype. Complex entries
-    are shrunk in modulus. A NaN in ``params`` or ``updates`` gives NaN.
-
-    Place it last, after the learning rate, and pass it the same learning
-    rate: ``optax.chain(optax.sgd(lr), nox.prox_l1(1e-4, lr))``.
-
-    Args:
-      coeff: :math:`\lambda`, the L1 coefficient, ``>= 0``.
-      learning_rate: :math:`\eta`, the step size of the preceding step,
-        ``>= 0`` (a schedule can be applied with
-        :func:`optax.inject_hyperparams`).
-      mask: a tree of bools matching the params (or a prefix of it), or a
-        callable ``params -> tree``; leaves marked ``False`` pass unchanged.
-
-    Returns:
-      A stateless :class:`optax.GradientTransformation` that needs ``params``.
-
-    Raises:
-      ValueError: ``coeff`` or ``learning_rate`` is negative or NaN (at
-        construction); ``params`` is missing or ``params``/``mask`` does not
-        match the updates (at update).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import optax
-      >>> import norm_optax as nox
-      >>> tx = nox.prox_l1(coeff=0.5, learning_rate=1.0)
-      >>> params = {"w": jnp.array([2.0, -0.25, 0.3])}
-      >>> u, _ = tx.update({"w": jnp.array([0.0, 0.5, -0.5])}, tx.init(params), params)
-      >>> optax.apply_updates(params, u)["w"]
-      Array([1.5, 0. , 0. ], dtype=float32)
-
-    References:
-      Duchi & Singer, `Efficient Online and Batch Learning Using Forward
-      Backward Splitting <https://jmlr.org/papers/v10/duchi09a.html>`_, 2009
-    """
-    _common.check_nonnegative(coeff, "coeff")
-    _common.check_nonnegative(learning_rate, "learning_rate")
-
-    def leaf(path: str, u: jax.Array, p: jax.Array) -> jax.Array:
-        del path
-        x = wide_sum(p, u)
-        real = np.dtype(jnp.finfo(x.dtype).dtype)
-        tau = jnp.asarray(coeff).astype(real) * jnp.asarray(learning_rate).astype(real)
-        target = jnp.where(tau >= 0, soft_threshold(x, tau), jnp.nan)
-        return finish(u, p, target, tau == 0)
-
-    return _common.params_transform("prox_l1", leaf, mask)
+    return leafwise("add_l1_decay", decay, hypers, needs_params=True, mask=mask)
 
 
-def l2_penalty(tree: Any) -> jax.Array:
+def l2_penalty(tree: PyTree) -> jax.Array:
     r"""The L2 penalty :math:`\tfrac12 \|p\|_2^2` of a tree, to add to a loss.
 
     Its gradient is the tree itself, so
@@ -236,7 +170,7 @@ def l2_penalty(tree: Any) -> jax.Array:
     return 0.5 * jnp.square(global_norm(tree))
 
 
-def l1_penalty(tree: Any) -> jax.Array:
+def l1_penalty(tree: PyTree) -> jax.Array:
     r"""The L1 penalty :math:`\|p\|_1` of a tree, to add to a loss.
 
     Its gradient is ``sign(p)`` (``0`` at ``0``), the step of

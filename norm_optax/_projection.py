@@ -31,20 +31,17 @@ in ``static_args`` (a callable would otherwise be taken for a schedule).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from norm_optax import _common
-from norm_optax.norms import (
-    accumulation_dtype,
-    canonical_axes,
-    norm_of_leaves,
-)
+from norm_optax._domains import NONNEGATIVE, UNIT_INTERVAL, Hypers, declare
+from norm_optax._layout import check_axis
+from norm_optax._numerics import inner_bound, real_dtype, safe_ratio, toward_zero
+from norm_optax._transform import Leaf, Target, projection
+from norm_optax._types import Axis, Mask, Scalar, StackAxes
 
 __all__ = [
     "clip_weights",
@@ -55,91 +52,7 @@ __all__ = [
     "unit_norm",
 ]
 
-Axis = int | Sequence[int] | None
-
-_MARGIN_ULPS = 4  # how far inside a norm bound the targets are aimed
-
-
-# ---------------------------------------------------------------------------
-# Shared machinery (also used by ``_balls`` and ``_decay``).
-# ---------------------------------------------------------------------------
-
-
-def widen(x: jax.Array) -> jax.Array:
-    """``x`` in its accumulation precision (``float32`` or wider; complex kept)."""
-    if jnp.iscomplexobj(x):
-        return x
-    return x.astype(accumulation_dtype(x.dtype))
-
-
-def wide_sum(p: jax.Array, u: jax.Array) -> jax.Array:
-    """``p + u`` in the accumulation precision of both."""
-    p, u = widen(p), widen(u)
-    dtype = np.promote_types(p.dtype, u.dtype)
-    return p.astype(dtype) + u.astype(dtype)
-
-
-def _toward_zero(t: jax.Array, dtype: Any) -> jax.Array:
-    """``t`` rounded to ``dtype`` toward zero (``|result| <= |t|``)."""
-    if t.dtype == dtype:
-        return t
-    near = t.astype(dtype)
-    over = jnp.abs(near.astype(t.dtype)) > jnp.abs(t)
-    return jnp.where(over, jnp.nextafter(near, jnp.zeros_like(near)), near)
-
-
-def _land_real(p: jax.Array, t: jax.Array) -> jax.Array:
-    dtype = p.dtype
-    t = jnp.real(t)
-    target = _toward_zero(t, dtype)
-    u = (target.astype(t.dtype) - p.astype(t.dtype)).astype(dtype)
-    new = p + u  # exactly what optax.apply_updates computes
-    zero = jnp.zeros((), dtype)
-    high, low = jnp.maximum(target, zero), jnp.minimum(target, zero)
-    # ``u`` is ``target - p`` rounded to nearest: if ``p + u`` overshoots, the
-    # neighbour of ``u`` on the other side of ``target - p`` does not.
-    down = jnp.nextafter(u, jnp.full_like(u, -jnp.inf))
-    up = jnp.nextafter(u, jnp.full_like(u, jnp.inf))
-    return jnp.where(new > high, down, jnp.where(new < low, up, u))
-
-
-@jax.custom_jvp
-def land(p: jax.Array, t: jax.Array) -> jax.Array:
-    """The update, in ``p``'s dtype, that moves ``p`` onto the target ``t``.
-
-    ``t`` is in ``p``'s accumulation precision. ``fl(p + land(p, t))`` lies
-    between ``0`` and ``t`` rounded toward zero; it is exactly ``0`` where ``t``
-    is ``0``. The derivative is that of ``t - p``.
-    """
-    if jnp.iscomplexobj(p):
-        return jax.lax.complex(_land_real(p.real, t.real), _land_real(p.imag, t.imag))
-    return _land_real(p, t)
-
-
-@land.defjvp
-def _land_jvp(
-    primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]
-) -> tuple[jax.Array, jax.Array]:
-    p, t = primals
-    dp, dt = tangents
-    if not jnp.iscomplexobj(p):
-        dt = jnp.real(dt)
-    return land(p, t), (dt - dp.astype(dt.dtype)).astype(p.dtype)
-
-
-def finish(u: jax.Array, p: jax.Array, t: jax.Array, keep: Any) -> jax.Array:
-    """``u`` where ``keep`` (the projection leaves ``p + u`` alone), else ``t - p``."""
-    return jnp.where(keep, u, land(p, t).astype(u.dtype))
-
-
-def inner_bound(value: Any, dtype: Any) -> jax.Array:
-    """``value`` (a norm bound) in ``dtype``, aimed a few ulps inside."""
-    eps = jnp.finfo(dtype).eps
-    return jnp.asarray(value).astype(dtype) * (1 - _MARGIN_ULPS * eps)
-
-
-def _real_dtype(x: jax.Array) -> np.dtype:
-    return np.dtype(jnp.finfo(x.dtype).dtype)
+Values = dict[str, Any]
 
 
 # ---------------------------------------------------------------------------
@@ -148,32 +61,25 @@ def _real_dtype(x: jax.Array) -> np.dtype:
 
 
 def _box(
-    transform: str, bound: Any, mask: _common.Mask
-) -> optax.GradientTransformation:
-    def leaf(path: str, u: jax.Array, p: jax.Array) -> jax.Array:
-        del path
-        x = wide_sum(p, u)
-        m = jnp.asarray(bound).astype(_real_dtype(x))
+    transform: str, name: str, hypers: Hypers, mask: Mask
+) -> optax.GradientTransformationExtraArgs:
+    def box(x: jax.Array, leaf: Leaf, values: Values) -> tuple[jax.Array, Any]:
+        m = jnp.asarray(values[name]).astype(real_dtype(x))
         # Below this, rounding ``p + u`` to nearest in p's dtype stays in the box.
-        inside = _toward_zero(jax.lax.stop_gradient(m), _real_dtype(p))
-        inside = inside.astype(m.dtype)
-
-        def clip(v: jax.Array) -> jax.Array:
-            return jnp.where(m >= 0, jnp.clip(v, -m, m), jnp.nan)
-
+        param_real = jnp.finfo(leaf.dtype).dtype
+        inside = toward_zero(jax.lax.stop_gradient(m), param_real).astype(m.dtype)
         if jnp.iscomplexobj(x):
-            t = jax.lax.complex(clip(x.real), clip(x.imag))
+            t = jax.lax.complex(jnp.clip(x.real, -m, m), jnp.clip(x.imag, -m, m))
             keep = (jnp.abs(x.real) <= inside) & (jnp.abs(x.imag) <= inside)
-        else:
-            t, keep = clip(x), jnp.abs(x) <= inside
-        return finish(u, p, t, keep)
+            return t, keep
+        return jnp.clip(x, -m, m), jnp.abs(x) <= inside
 
-    return _common.params_transform(transform, leaf, mask)
+    return projection(transform, Target("element", box), hypers, mask=mask)
 
 
 def clip_weights(
-    max_value: Any, mask: _common.Mask = None
-) -> optax.GradientTransformation:
+    max_value: Any, mask: Mask = None
+) -> optax.GradientTransformationExtraArgs:
     r"""Weight clipping: keeps every parameter in ``[-max_value, max_value]``.
 
     .. math:: p \leftarrow \min(\max(p + u, -c), c), \qquad
@@ -214,13 +120,13 @@ def clip_weights(
       Arjovsky et al., `Wasserstein Generative Adversarial Networks
       <https://arxiv.org/abs/1701.07875>`_, 2017
     """
-    _common.check_nonnegative(max_value, "max_value")
-    return _box("clip_weights", max_value, mask)
+    hypers = declare(max_value=(max_value, NONNEGATIVE))
+    return _box("clip_weights", "max_value", hypers, mask)
 
 
 def project_linf_ball(
-    radius: Any, mask: _common.Mask = None
-) -> optax.GradientTransformation:
+    radius: Any, mask: Mask = None
+) -> optax.GradientTransformationExtraArgs:
     r"""Euclidean projection onto the :math:`\ell_\infty` ball of radius ``radius``.
 
     .. math:: \{p : \|p\|_\infty \le r\} \text{ is the box } [-r, r]^n, \qquad
@@ -256,11 +162,11 @@ def project_linf_ball(
       >>> optax.apply_updates(params, u)["w"]
       Array([ 2., -1., -2.], dtype=float32)
     """
-    _common.check_nonnegative(radius, "radius")
-    return _box("project_linf_ball", radius, mask)
+    hypers = declare(radius=(radius, NONNEGATIVE))
+    return _box("project_linf_ball", "radius", hypers, mask)
 
 
-def non_negative(mask: _common.Mask = None) -> optax.GradientTransformation:
+def non_negative(mask: Mask = None) -> optax.GradientTransformationExtraArgs:
     r"""Keeps every parameter ``>= 0`` (projection onto the non-negative orthant).
 
     .. math:: p \leftarrow \max(p + u, 0), \qquad u' = \max(p + u, 0) - p
@@ -300,50 +206,60 @@ def non_negative(mask: _common.Mask = None) -> optax.GradientTransformation:
       <https://keras.io/api/layers/constraints/#nonneg-class>`_
     """
 
-    def leaf(path: str, u: jax.Array, p: jax.Array) -> jax.Array:
-        if jnp.iscomplexobj(u) or jnp.iscomplexobj(p):
+    def orthant(x: jax.Array, leaf: Leaf, values: Values) -> tuple[jax.Array, Any]:
+        del values
+        if jnp.iscomplexobj(x):
             raise TypeError(
-                f"non_negative: the leaf at {path or '<root>'} is complex "
-                f"({p.dtype}); complex numbers have no sign."
+                f"non_negative: the leaf at {leaf.path or '<root>'} is complex "
+                f"({leaf.dtype}); complex numbers have no sign."
             )
-        x = wide_sum(p, u)
-        return finish(u, p, jnp.maximum(x, 0), x >= 0)
+        return jnp.maximum(x, 0), x >= 0
 
-    return _common.params_transform("non_negative", leaf, mask)
+    return projection("non_negative", Target("element", orthant), declare(), mask=mask)
 
 
 # ---------------------------------------------------------------------------
-# Unit-wise norm constraints.
+# Unit-wise norm constraints: a scale per unit from its norm.
 # ---------------------------------------------------------------------------
 
 
 def _unitwise(
     transform: str,
-    desired: Callable[[jax.Array], jax.Array],
+    desired: Any,
+    hypers: Hypers,
+    *,
+    landing: Any = "toward_zero",
     axis: Axis,
-    mask: _common.Mask,
-) -> optax.GradientTransformation:
-    """Scales each unit of ``p + u`` to the norm ``desired(norm)``.
+    stack_axes: StackAxes,
+    mask: Mask,
+) -> optax.GradientTransformationExtraArgs:
+    """Scales each unit of ``p + u`` to the norm ``desired(norm, values)``.
 
     A zero unit stays zero; a NaN or infinite unit norm gives NaN.
     """
+    check_axis(axis)
 
-    def leaf(path: str, u: jax.Array, p: jax.Array) -> jax.Array:
-        x = wide_sum(p, u)
-        axes = canonical_axes(axis, u.shape, where=path or "<root>")
-        norm = norm_of_leaves((x,), 2, axes)
-        want = desired(norm)
-        positive = norm > 0
-        scale = jnp.where(positive, want / jnp.where(positive, norm, 1), 1)
-        scale = jnp.where(jnp.isfinite(norm), scale, jnp.nan)
-        return finish(u, p, x * scale.astype(x.dtype), scale == 1)
+    def scale(norm: jax.Array, leaf: Leaf, values: Values) -> jax.Array:
+        del leaf
+        return safe_ratio(desired(norm, values), norm, 1)
 
-    return _common.params_transform(transform, leaf, mask)
+    return projection(
+        transform,
+        Target("unit", scale, landing=landing),
+        hypers,
+        mask=mask,
+        axis=axis,
+        stack_axes=stack_axes,
+    )
 
 
 def max_norm(
-    max_value: Any, axis: Axis = None, mask: _common.Mask = None
-) -> optax.GradientTransformation:
+    max_value: Scalar,
+    axis: Axis = None,
+    mask: Mask = None,
+    *,
+    stack_axes: StackAxes = None,
+) -> optax.GradientTransformationExtraArgs:
     r"""Max-norm constraint: rescales every unit whose L2 norm exceeds ``max_value``.
 
     For every unit :math:`w` of :math:`p + u` (see :func:`norm_optax.unit_norms`),
@@ -395,19 +311,19 @@ def max_norm(
       Srivastava et al., `Dropout: A Simple Way to Prevent Neural Networks from
       Overfitting <https://jmlr.org/papers/v15/srivastava14a.html>`_, 2014
     """
-    _common.check_nonnegative(max_value, "max_value")
+    hypers = declare(max_value=(max_value, NONNEGATIVE))
 
-    def desired(norm: jax.Array) -> jax.Array:
-        bound = jnp.asarray(max_value).astype(norm.dtype)
-        want = jnp.minimum(norm, inner_bound(bound, norm.dtype))
-        return jnp.where(bound >= 0, want, jnp.nan)
+    def desired(norm: jax.Array, values: Values) -> jax.Array:
+        return jnp.minimum(norm, inner_bound(values["max_value"], norm.dtype))
 
-    return _unitwise("max_norm", desired, axis, mask)
+    return _unitwise(
+        "max_norm", desired, hypers, axis=axis, stack_axes=stack_axes, mask=mask
+    )
 
 
 def unit_norm(
-    axis: Axis = None, mask: _common.Mask = None
-) -> optax.GradientTransformation:
+    axis: Axis = None, mask: Mask = None, *, stack_axes: StackAxes = None
+) -> optax.GradientTransformationExtraArgs:
     r"""Unit-norm constraint: rescales every unit to an L2 norm of exactly ``1``.
 
     .. math:: w \leftarrow \frac{w}{\|w\|_2}, \qquad 0 \mapsto 0
@@ -450,16 +366,31 @@ def unit_norm(
       Keras, `UnitNorm constraint
       <https://keras.io/api/layers/constraints/#unitnorm-class>`_
     """
-    return _unitwise("unit_norm", jnp.ones_like, axis, mask)
+
+    def desired(norm: jax.Array, values: Values) -> jax.Array:
+        del values
+        return jnp.ones_like(norm)
+
+    return _unitwise(
+        "unit_norm",
+        desired,
+        declare(),
+        landing="nearest",
+        axis=axis,
+        stack_axes=stack_axes,
+        mask=mask,
+    )
 
 
 def min_max_norm(
-    min_value: Any,
-    max_value: Any,
-    rate: Any = 1.0,
+    min_value: Scalar,
+    max_value: Scalar,
+    rate: Scalar = 1.0,
     axis: Axis = None,
-    mask: _common.Mask = None,
-) -> optax.GradientTransformation:
+    mask: Mask = None,
+    *,
+    stack_axes: StackAxes = None,
+) -> optax.GradientTransformationExtraArgs:
     r"""Moves every unit's L2 norm ``rate`` of the way into ``[min_value, max_value]``.
 
     For every unit :math:`w` of :math:`p + u` with norm :math:`n = \|w\|_2`
@@ -508,24 +439,24 @@ def min_max_norm(
       Keras, `MinMaxNorm constraint
       <https://keras.io/api/layers/constraints/#minmaxnorm-class>`_
     """
-    _common.check_nonnegative(min_value, "min_value")
-    _common.check_nonnegative(max_value, "max_value")
-    _common.check_range(rate, "rate", 0.0, 1.0)
-    low = _common.concrete_value(min_value, "min_value")
-    high = _common.concrete_value(max_value, "max_value")
-    if low is not None and high is not None and low > high:
-        raise ValueError(
-            f"min_value must be <= max_value, got min_value={min_value!r} > "
-            f"max_value={max_value!r}."
-        )
+    hypers = declare(
+        min_value=(min_value, NONNEGATIVE),
+        max_value=(max_value, NONNEGATIVE),
+        rate=(rate, UNIT_INTERVAL),
+    ).require(
+        "min_value must be <= max_value",
+        lambda a, b: a <= b,
+        "min_value",
+        "max_value",
+    )
 
-    def desired(norm: jax.Array) -> jax.Array:
-        a = jnp.asarray(min_value).astype(norm.dtype)
-        b = jnp.asarray(max_value).astype(norm.dtype)
-        r = jnp.asarray(rate).astype(norm.dtype)
-        clipped = jnp.minimum(jnp.maximum(norm, a), inner_bound(b, norm.dtype))
-        want = norm + r * (clipped - norm)  # exactly ``norm`` inside the bounds
-        usable = (a >= 0) & (a <= b) & (r >= 0) & (r <= 1)
-        return jnp.where(usable, want, jnp.nan)
+    def desired(norm: jax.Array, values: Values) -> jax.Array:
+        a = jnp.asarray(values["min_value"]).astype(norm.dtype)
+        r = jnp.asarray(values["rate"]).astype(norm.dtype)
+        high = inner_bound(values["max_value"], norm.dtype)
+        clipped = jnp.minimum(jnp.maximum(norm, a), high)
+        return norm + r * (clipped - norm)  # exactly ``norm`` inside the bounds
 
-    return _unitwise("min_max_norm", desired, axis, mask)
+    return _unitwise(
+        "min_max_norm", desired, hypers, axis=axis, stack_axes=stack_axes, mask=mask
+    )

@@ -211,7 +211,7 @@ def reduce_to_scalar(
     dtype: np.dtype,
     axis_name: Any = None,
     *,
-    role: Role = "any",
+    role: Role,
 ) -> jax.Array:
     """Sum (``kind="sum"``) or max (``kind="max"``) of all elements of ``parts``.
 

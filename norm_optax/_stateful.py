@@ -25,16 +25,26 @@ caller's responsibility.
 from __future__ import annotations
 
 import functools
-import operator
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from norm_optax import _common
-from norm_optax._clipping import clip_scale
-from norm_optax.norms import global_norm, is_inexact
+from norm_optax._domains import (
+    COUNT,
+    NONNEGATIVE,
+    OPEN_UNIT,
+    PERCENT,
+    POSITIVE,
+    declare,
+    poison,
+    size,
+)
+from norm_optax._numerics import clip_scale, scale_leaf
+from norm_optax._transform import map_inexact
+from norm_optax._types import is_inexact
+from norm_optax.norms import global_norm
 
 __all__ = [
     "AutoClipState",
@@ -52,42 +62,8 @@ _I32 = jnp.int32
 _INT32_MAX = 2**31 - 1
 
 
-# ---------------------------------------------------------------------------
-# Argument checks.
-# ---------------------------------------------------------------------------
-
-
-def _check_size(value: Any, name: str, minimum: int) -> int:
-    """A Python int ``>= minimum`` that fixes a state shape."""
-    if isinstance(value, (bool, jax.core.Tracer)):
-        raise TypeError(
-            f"{name} must be a Python int (it fixes the shape of the state; "
-            f"under optax.inject_hyperparams list it in static_args), "
-            f"got {value!r}."
-        )
-    try:
-        size = operator.index(value)
-    except TypeError as error:
-        raise TypeError(f"{name} must be an int, got {value!r}.") from error
-    if size < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return size
-
-
-def _check_open_interval(value: Any, name: str, low: float, high: float) -> None:
-    number = _common.concrete_value(value, name)
-    if number is not None and not low < number < high:  # False for NaN
-        raise ValueError(f"{name} must be in ({low}, {high}), got {value!r}.")
-
-
-def _check_count(value: Any, name: str) -> None:
-    number = _common.concrete_value(value, name)
-    if number is not None and not (number >= 0 and float(number).is_integer()):
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
-
-
 def _scaled(updates: optax.Updates, scale: jax.Array) -> optax.Updates:
-    return _common.map_inexact(lambda x: _common.scale_leaf(x, scale), updates)
+    return map_inexact(lambda x: scale_leaf(x, scale), updates)
 
 
 def _f32(value: Any) -> jax.Array:
@@ -219,7 +195,7 @@ def _percentile(norms: jax.Array, count: jax.Array, q: jax.Array) -> jax.Array:
 
 def autoclip(
     percentile: Any = 10.0, history: int = 1000, axis_name: Any = None
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""AutoClip: clips the global norm to a percentile of its own history.
 
     At step :math:`t`, with :math:`\|g_t\|` the global L2 norm of the
@@ -275,20 +251,22 @@ def autoclip(
       Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
       Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020
     """
-    number = _common.concrete_value(percentile, "percentile")
-    if number is not None and not 0 < number <= 100:
-        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}.")
-    size = _check_size(history, "history", 1)
+    hypers = declare(percentile=(percentile, PERCENT))
+    length = size(history, "history", 1)
 
     def init_fn(params: optax.Params) -> AutoClipState:
         del params
         zero = jnp.zeros((), _I32)
-        return AutoClipState(jnp.zeros((size,), _F32), zero, zero)
+        return AutoClipState(jnp.zeros((length,), _F32), zero, zero)
 
     def update_fn(
-        updates: optax.Updates, state: AutoClipState, params: Any = None
+        updates: optax.Updates,
+        state: AutoClipState,
+        params: Any = None,
+        **extra_args: Any,
     ) -> tuple[optax.Updates, AutoClipState]:
-        del params
+        del params, extra_args
+        values = hypers.at(None)
         norm = global_norm(updates, axis_name=axis_name)
         norm32 = _f32(norm)
         finite = jnp.isfinite(norm32)
@@ -296,16 +274,14 @@ def autoclip(
             finite, state.norms.at[state.next_slot].set(norm32), state.norms
         )
         count = jnp.where(
-            finite, jnp.minimum(state.num_norms + 1, size), state.num_norms
+            finite, jnp.minimum(state.num_norms + 1, length), state.num_norms
         )
-        index = jnp.where(finite, (state.next_slot + 1) % size, state.next_slot)
-        q = _f32(percentile)
-        threshold = _percentile(norms, count, q)
-        scale = clip_scale(norm, threshold)
-        scale = jnp.where((q > 0) & (q <= 100), scale, jnp.nan)  # traced p
+        index = jnp.where(finite, (state.next_slot + 1) % length, state.next_slot)
+        threshold = _percentile(norms, count, _f32(values["percentile"]))
+        scale = poison(clip_scale(norm, threshold), hypers.valid(values))
         return _scaled(updates, scale), AutoClipState(norms, count, index)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # ---------------------------------------------------------------------------
@@ -404,11 +380,11 @@ def zclip(
       Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
       <https://arxiv.org/abs/2504.02507>`_, 2025
     """
-    number = _common.concrete_value(z_threshold, "z_threshold")
-    if number is not None and not number > 0:  # False for NaN
-        raise ValueError(f"z_threshold must be > 0, got {z_threshold!r}.")
-    _check_open_interval(alpha, "alpha", 0.0, 1.0)
-    _check_count(warmup_steps, "warmup_steps")
+    declare(
+        z_threshold=(z_threshold, POSITIVE),
+        alpha=(alpha, OPEN_UNIT),
+        warmup_steps=(warmup_steps, COUNT),
+    )
 
     def init_fn(params: optax.Params) -> ZClipState:
         del params
@@ -572,14 +548,14 @@ def skip_on_spike(
       loss spikes); Groeneveld et al., `OLMo: Accelerating the Science of
       Language Models <https://arxiv.org/abs/2402.00838>`_, 2024
     """
-    size = _check_size(window, "window", 2)
-    _common.check_nonnegative(num_sigma, "num_sigma")
+    length = size(window, "window", 2)
+    hypers = declare(num_sigma=(num_sigma, NONNEGATIVE))
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: optax.Params) -> SkipOnSpikeState:
         zero = jnp.zeros((), _I32)
         return SkipOnSpikeState(
-            inner.init(params), jnp.zeros((size,), _F32), zero, zero, zero
+            inner.init(params), jnp.zeros((length,), _F32), zero, zero, zero
         )
 
     def update_fn(
@@ -588,9 +564,10 @@ def skip_on_spike(
         params: optax.Params | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, SkipOnSpikeState]:
+        values = hypers.at(None)
         x = _f32(global_norm(updates, axis_name=axis_name))
-        warm = state.num_norms >= size
-        limit = jnp.mean(state.norms) + _f32(num_sigma) * jnp.std(state.norms)
+        warm = state.num_norms >= length
+        limit = jnp.mean(state.norms) + _f32(values["num_sigma"]) * jnp.std(state.norms)
         spike = warm & ~(x <= limit)  # NaN/inf norms are spikes once warm
         enters = ~spike & jnp.isfinite(x)
 
@@ -610,11 +587,16 @@ def skip_on_spike(
         out, inner_state = jax.lax.cond(
             spike, skip, run, updates, state.inner_state, params
         )
+        # A traced num_sigma out of its domain makes the step NaN (not zeros).
+        valid = hypers.valid(values)
+        out = map_inexact(lambda x: poison(x, valid), out)
         new_state = SkipOnSpikeState(
             inner_state,
             jnp.where(enters, state.norms.at[state.next_slot].set(x), state.norms),
-            jnp.where(enters, jnp.minimum(state.num_norms + 1, size), state.num_norms),
-            jnp.where(enters, (state.next_slot + 1) % size, state.next_slot),
+            jnp.where(
+                enters, jnp.minimum(state.num_norms + 1, length), state.num_norms
+            ),
+            jnp.where(enters, (state.next_slot + 1) % length, state.next_slot),
             _increment(state.num_skipped, spike),
         )
         return out, new_state

@@ -28,13 +28,15 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
-from norm_optax import _common
+from norm_optax import _layout
+from norm_optax._types import Mask, PyTree, StackAxes
 
 __all__ = ["all_of", "by_path", "exclude_path", "matrices_only"]
 
@@ -45,25 +47,65 @@ def _ndim(leaf: Any) -> int:
     return len(getattr(leaf, "shape", ()))
 
 
-def matrices_only(params: Any) -> Any:
+def _per_leaf(params: PyTree, values: list[Any]) -> PyTree:
+    """A tree with the structure of ``params`` holding one value per leaf."""
+    return jax.tree.unflatten(jax.tree.structure(params), values)
+
+
+def matrices_only(params: PyTree = None, *, stack_axes: StackAxes = None) -> Any:
     """Marks the leaves with ``ndim >= 2`` (weight matrices, conv kernels).
 
     Biases, norm scales and scalars get ``False``. ``None`` leaves stay
     ``None``; non-array leaves (Python numbers) get ``False``.
 
+    **Stacked layers.** With ``stack_axes`` (API.md section 6) the first
+    ``s`` axes of a leaf index layers and do not count: a leaf is a matrix
+    when ``ndim - s >= 2``, so a stacked bias or LayerNorm scale
+    ``(layers, features)`` is not decayed while a stacked kernel
+    ``(layers, in, out)`` is. Called without ``params`` it returns the mask
+    function, to pass as ``mask``:
+    ``optax.adamw(1e-3, mask=nox.masks.matrices_only(stack_axes=1))``.
+
     Args:
-      params: a pytree of arrays (dict, ``FrozenDict``, ``nnx.State``, ...).
+      params: a pytree of arrays (dict, ``FrozenDict``, ``nnx.State``, an
+        Equinox module filtered with ``eqx.is_inexact_array``, ...), or
+        ``None`` for the mask function.
+      stack_axes: ``None`` or an int ``>= 0`` for every leaf, a tree of ints
+        (or bools) matching ``params``, or a callable ``params -> that tree``
+        such as ``nox.masks.by_path("layers/")``.
 
     Returns:
-      A tree of Python bools with the structure of ``params``.
+      A tree of Python bools with the structure of ``params`` (or, without
+      ``params``, a callable ``params -> that tree``).
+
+    Raises:
+      ValueError: ``stack_axes`` is larger than a leaf's ndim (naming the
+        leaf's path and shape).
 
     Example:
       >>> import jax.numpy as jnp
       >>> import norm_optax as nox
       >>> nox.masks.matrices_only({"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)})
       {'bias': False, 'kernel': True}
+      >>> stacked = {"kernel": jnp.ones((4, 2, 3)), "bias": jnp.ones((4, 3))}
+      >>> nox.masks.matrices_only(stacked, stack_axes=1)
+      {'bias': False, 'kernel': True}
     """
-    return jax.tree.map(lambda leaf: _ndim(leaf) >= 2, params)
+    if params is None:
+        return functools.partial(matrices_only, stack_axes=stack_axes)
+    stacks = _layout.resolve_spec(
+        stack_axes, params, params, name="stack_axes", is_value=_layout.is_stack_value
+    )
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    out = [
+        _ndim(leaf)
+        - _layout.stack_count(
+            s, _layout.path_str(path), tuple(getattr(leaf, "shape", ()))
+        )
+        >= 2
+        for (path, leaf), s in zip(flat, stacks, strict=True)
+    ]
+    return _per_leaf(params, out)
 
 
 def _path_mask(pattern: str | re.Pattern[str], keep: bool) -> MaskFn:
@@ -71,7 +113,7 @@ def _path_mask(pattern: str | re.Pattern[str], keep: bool) -> MaskFn:
 
     def mask(params: Any) -> Any:
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: (regex.search(_common.path_str(path)) is not None) == keep,
+            lambda path, _: (regex.search(_layout.path_str(path)) is not None) == keep,
             params,
         )
 
@@ -127,7 +169,7 @@ def exclude_path(pattern: str | re.Pattern[str]) -> MaskFn:
     return _path_mask(pattern, keep=False)
 
 
-def all_of(*masks: Any) -> MaskFn:
+def all_of(*masks: Mask) -> MaskFn:
     """The logical *and* of several masks.
 
     Args:
@@ -150,10 +192,14 @@ def all_of(*masks: Any) -> MaskFn:
       {'a': {'kernel': True}, 'b': {'kernel': False}}
     """
 
-    def mask(params: Any) -> Any:
-        trees = [_common.resolve_mask(m, params, params) for m in masks]
-        if not trees:
-            return jax.tree.map(lambda _: True, params)
-        return jax.tree.map(lambda *bools: all(bools), *trees)
+    def mask(params: PyTree) -> PyTree:
+        per_mask = [
+            _layout.resolve_spec(
+                m, params, params, name="mask", is_value=_layout.is_mask_value
+            )
+            for m in masks
+        ]
+        n = len(jax.tree.leaves(params))
+        return _per_leaf(params, [all(bool(v[i]) for v in per_mask) for i in range(n)])
 
     return mask

@@ -16,7 +16,7 @@ from flax.core import FrozenDict, freeze
 
 import norm_optax as nox
 from norm_optax import masks
-from norm_optax._common import path_str
+from norm_optax._layout import path_str
 from tests.cases import CASES, Case, make_tree
 
 
