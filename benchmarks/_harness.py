@@ -23,7 +23,8 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import jax
@@ -37,28 +38,64 @@ Shape = tuple[int, ...]
 # ---------------------------------------------------------------------------
 
 
-def gpt2_small() -> list[tuple[str, Shape]]:
-    """GPT-2 small (124 M parameters, 148 leaves), tied embeddings."""
-    d, ff, vocab, ctx = 768, 3072, 50257, 1024
+def gpt2(
+    d: int = 768, ff: int = 3072, vocab: int = 50257, ctx: int = 1024, layers: int = 12
+) -> list[tuple[str, Shape]]:
+    """A GPT-2 (tied embeddings), one leaf per block parameter: ``h{i}/...``."""
     leaves: list[tuple[str, Shape]] = [("wte", (vocab, d)), ("wpe", (ctx, d))]
-    for i in range(12):
-        h = f"h{i}"
-        leaves += [
-            (f"{h}/ln_1/w", (d,)),
-            (f"{h}/ln_1/b", (d,)),
-            (f"{h}/attn/c_attn/w", (d, 3 * d)),
-            (f"{h}/attn/c_attn/b", (3 * d,)),
-            (f"{h}/attn/c_proj/w", (d, d)),
-            (f"{h}/attn/c_proj/b", (d,)),
-            (f"{h}/ln_2/w", (d,)),
-            (f"{h}/ln_2/b", (d,)),
-            (f"{h}/mlp/c_fc/w", (d, ff)),
-            (f"{h}/mlp/c_fc/b", (ff,)),
-            (f"{h}/mlp/c_proj/w", (ff, d)),
-            (f"{h}/mlp/c_proj/b", (d,)),
-        ]
+    for i in range(layers):
+        leaves += [(f"h{i}/{name}", shape) for name, shape in _block(d, ff)]
     leaves += [("ln_f/w", (d,)), ("ln_f/b", (d,))]
     return leaves
+
+
+def gpt2_stacked(
+    d: int = 768, ff: int = 3072, vocab: int = 50257, ctx: int = 1024, layers: int = 12
+) -> list[tuple[str, Shape]]:
+    """The same GPT-2, its blocks stacked: ``h/...`` leaves of shape ``(layers, ...)``.
+
+    The parameters and bytes of :func:`gpt2` with the same arguments, in
+    ``4 + 12`` leaves instead of ``4 + 12 * layers`` (the layout of a model
+    whose blocks run under ``jax.lax.scan``).
+    """
+    leaves: list[tuple[str, Shape]] = [("wte", (vocab, d)), ("wpe", (ctx, d))]
+    leaves += [(f"h/{name}", (layers, *shape)) for name, shape in _block(d, ff)]
+    leaves += [("ln_f/w", (d,)), ("ln_f/b", (d,))]
+    return leaves
+
+
+def _block(d: int, ff: int) -> list[tuple[str, Shape]]:
+    return [
+        ("ln_1/w", (d,)),
+        ("ln_1/b", (d,)),
+        ("attn/c_attn/w", (d, 3 * d)),
+        ("attn/c_attn/b", (3 * d,)),
+        ("attn/c_proj/w", (d, d)),
+        ("attn/c_proj/b", (d,)),
+        ("ln_2/w", (d,)),
+        ("ln_2/b", (d,)),
+        ("mlp/c_fc/w", (d, ff)),
+        ("mlp/c_fc/b", (ff,)),
+        ("mlp/c_proj/w", (ff, d)),
+        ("mlp/c_proj/b", (d,)),
+    ]
+
+
+def gpt2_small() -> list[tuple[str, Shape]]:
+    """GPT-2 small (124 M parameters, 148 leaves), tied embeddings."""
+    return gpt2()
+
+
+# Keyword arguments of gpt2() and gpt2_stacked() per size; "gpt2-tiny" (two
+# blocks of width 64, 0.2 M parameters) is the --smoke stand-in.
+GPT2_SIZES: Mapping[str, Mapping[str, int]] = MappingProxyType(
+    {
+        "gpt2-small": MappingProxyType({}),
+        "gpt2-tiny": MappingProxyType(
+            {"d": 64, "ff": 256, "vocab": 1000, "ctx": 128, "layers": 2}
+        ),
+    }
+)
 
 
 def resnet50() -> list[tuple[str, Shape]]:
@@ -128,13 +165,17 @@ def many_leaves(n: int = 3000, shape: Shape = (64, 64)) -> list[tuple[str, Shape
     return [(f"w{i:05d}", shape) for i in range(n)]
 
 
-TREES: dict[str, Callable[[], list[tuple[str, Shape]]]] = {
-    "gpt2-small": gpt2_small,
-    "resnet50": resnet50,
-    "vit-b16": vit_b16,
-    "3000x64x64": many_leaves,
-    "1000x64x64": lambda: many_leaves(1000),  # the --quick stand-in
-}
+TREES: Mapping[str, Callable[[], list[tuple[str, Shape]]]] = MappingProxyType(
+    {
+        "gpt2-small": gpt2_small,
+        "resnet50": resnet50,
+        "vit-b16": vit_b16,
+        "3000x64x64": many_leaves,
+        "1000x64x64": lambda: many_leaves(1000),  # the --quick stand-in
+        "100x64x64": lambda: many_leaves(100),  # the --smoke stand-in
+        "gpt2-tiny": lambda: gpt2(**GPT2_SIZES["gpt2-tiny"]),  # the --smoke stand-in
+    }
+)
 
 
 def count_params(spec: Sequence[tuple[str, Shape]]) -> int:
@@ -247,6 +288,20 @@ class Bandwidth:
 
     def measure(self, reps: int = 15) -> None:
         self.record(interleave({"triad": self.run}, reps=reps, warmup=3)["triad"])
+
+    def time_with(
+        self, peers: dict[str, Callable[[], Any]], reps: int
+    ) -> tuple[dict[str, Stats], float]:
+        """Times ``peers`` with the triad among them (one :func:`interleave` group).
+
+        Keeps the triad's samples and returns the peers' stats and the
+        bandwidth (GB/s) at the triad's median in this group: the bound of
+        the group's operations.
+        """
+        stats = interleave({**peers, "triad": self.run}, reps)
+        triad = stats.pop("triad")
+        self.record(triad)
+        return stats, self.moved / triad.median / 1e9
 
     @property
     def gbps(self) -> float:
