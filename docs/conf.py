@@ -51,6 +51,7 @@ root_doc = "index"
 templates_path = ["_templates"]
 exclude_patterns = [
     "_build",
+    "_templates",
     "Thumbs.db",
     ".DS_Store",
     "README.md",
