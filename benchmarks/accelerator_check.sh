@@ -178,7 +178,8 @@ def outcome(rc: str, seconds: str, limit: str) -> str:
 
 log = (Path(env["LOGS"]) / "tests.log").read_text(errors="replace")
 summary = [line.strip("= ") for line in log.splitlines() if re.search(
-    r"\d+ (passed|failed|error)", line) and " in " in line]
+    r"\d+ (passed|failed|errors?|skipped|deselected)|no tests ran", line)
+    and " in " in line]
 failures = [line for line in log.splitlines() if line.startswith(("FAILED", "ERROR"))]
 gpu = ""
 if env["BACKEND"] == "gpu":
