@@ -35,12 +35,12 @@ from norm_optax._prox import prox_l1 as prox_l1
 from norm_optax._stateful import AutoClipState as AutoClipState
 from norm_optax._stateful import RecordNormsState as RecordNormsState
 from norm_optax._stateful import SkipOnSpikeState as SkipOnSpikeState
-from norm_optax._stateful import ZClipState as ZClipState
 from norm_optax._stateful import autoclip as autoclip
 from norm_optax._stateful import record_norms as record_norms
 from norm_optax._stateful import skip_on_spike as skip_on_spike
-from norm_optax._stateful import zclip as zclip
 from norm_optax._transform import ScheduleState as ScheduleState
+from norm_optax._zclip import ZClipState as ZClipState
+from norm_optax._zclip import zclip as zclip
 from norm_optax.norms import global_norm as global_norm
 from norm_optax.norms import leaf_norms as leaf_norms
 from norm_optax.norms import unit_norms as unit_norms

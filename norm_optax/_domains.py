@@ -42,6 +42,7 @@ __all__ = [
     "OPEN_UNIT",
     "PERCENT",
     "POSITIVE",
+    "POSITIVE_COUNT",
     "UNIT_INTERVAL",
     "Domain",
     "Hypers",
@@ -69,6 +70,10 @@ OPEN_UNIT = Domain("in (0, 1)", lambda v, xp: (v > 0) & (v < 1))
 PERCENT = Domain("in (0, 100]", lambda v, xp: (v > 0) & (v <= 100))
 COUNT = Domain(
     "an integer >= 0", lambda v, xp: (v >= 0) & (xp.floor(v) == v) & xp.isfinite(v)
+)
+POSITIVE_COUNT = Domain(
+    "an integer >= 1",
+    lambda v, xp: (v >= 1) & (xp.floor(v) == v) & xp.isfinite(v),
 )
 
 

@@ -1,4 +1,6 @@
-"""Stateful companions: norm logging, adaptive clipping and spike skipping.
+"""Stateful companions: norm logging, AutoClip and spike skipping.
+
+(ZClip, a companion of its own, is in ``_zclip``.)
 
 Unlike the rest of the package these transforms keep a state, a
 :class:`~typing.NamedTuple` whose fields are documented (shape and dtype).
@@ -32,11 +34,8 @@ import jax.numpy as jnp
 import optax
 
 from norm_optax._domains import (
-    COUNT,
     NONNEGATIVE,
-    OPEN_UNIT,
     PERCENT,
-    POSITIVE,
     declare,
     poison,
     size,
@@ -50,11 +49,9 @@ __all__ = [
     "AutoClipState",
     "RecordNormsState",
     "SkipOnSpikeState",
-    "ZClipState",
     "autoclip",
     "record_norms",
     "skip_on_spike",
-    "zclip",
 ]
 
 _F32 = jnp.float32
@@ -181,7 +178,7 @@ def _percentile(norms: jax.Array, count: jax.Array, q: jax.Array) -> jax.Array:
     Invalid slots are padded with ``+inf`` and sort last, so the ``count``
     valid values come first; ``count == 0`` gives ``+inf``.
     """
-    valid = jnp.arange(norms.shape[0]) < count
+    valid = jnp.arange(norms.shape[0], dtype=_I32) < count
     ordered = jnp.sort(jnp.where(valid, norms, jnp.inf))
     last = jnp.maximum(count - 1, 0)
     # (n - 1) * q is exact for integer q, so exact indices stay exact.
@@ -282,154 +279,6 @@ def autoclip(
         return _scaled(updates, scale), AutoClipState(norms, count, index)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-# ---------------------------------------------------------------------------
-# zclip.
-# ---------------------------------------------------------------------------
-
-
-class ZClipState(NamedTuple):
-    """State of :func:`zclip`: running statistics of the global norm."""
-
-    mean: jax.Array
-    """``()`` float32: :math:`\\mu`, mean of the norm (running mean during
-    warm-up, exponential moving average after)."""
-    var: jax.Array
-    """``()`` float32: :math:`\\sigma^2`, variance of the norm (running
-    population variance during warm-up, exponential moving average after)."""
-    num_norms: jax.Array
-    """``()`` int32: number of finite norms that entered the statistics
-    (saturates at ``2**31 - 1``)."""
-
-
-def zclip(
-    z_threshold: Any = 2.5,
-    alpha: Any = 0.97,
-    warmup_steps: Any = 25,
-    axis_name: Any = None,
-) -> optax.GradientTransformation:
-    r"""ZClip: clips global-norm outliers by their z-score against an EMA.
-
-    Let :math:`x_t = \|g_t\|_2` be the global norm of the updates at step
-    :math:`t`, :math:`W = \max(\texttt{warmup\_steps}, 1)`, and
-    :math:`\mu, \sigma^2` the statistics of the state.
-
-    *Warm-up* (the first :math:`W` finite norms): the updates pass
-    unclipped, and :math:`\mu, \sigma^2` are the running mean and population
-    variance of the norms seen so far (Welford's update). At the end of
-    warm-up they are exactly ``numpy.mean`` and ``numpy.var`` of the
-    :math:`W` warm-up norms, as in the reference implementation.
-
-    *After warm-up*, with the statistics from before the current step,
-    :math:`\sigma = \sqrt{\sigma^2}` and :math:`z_t = (x_t - \mu)/\sigma`:
-
-    .. math::
-       \tau_t &= \mu + z_{\mathrm{thr}}\,\sigma, \qquad
-       g_t \leftarrow g_t \cdot \min\!\left(1, \frac{\tau_t}{x_t}\right)
-       \quad (\text{clipped iff } z_t > z_{\mathrm{thr}}) \\
-       \hat x_t &= \min(x_t, \tau_t) \\
-       \mu &\leftarrow \alpha\,\mu + (1-\alpha)\,\hat x_t \\
-       \sigma^2 &\leftarrow \alpha\,\sigma^2 + (1-\alpha)\,(\hat x_t - \mu)^2
-
-    where the variance uses the *updated* mean, as in Kumar et al. (and
-    their code). The EMA sees the norm after clipping, so a spike moves the
-    statistics by at most :math:`z_{\mathrm{thr}}\,\sigma`. If
-    :math:`\sigma = 0` any norm above :math:`\mu` is clipped to :math:`\mu`.
-    The clip is to :math:`\mu + z_{\mathrm{thr}}\sigma` (the paper's
-    threshold, the reference code's ``percentile`` mode), not its
-    ``adaptive_scaling`` variant.
-
-    A NaN or infinite norm makes every element of the step NaN (also during
-    warm-up; :func:`optax.apply_if_finite` can then skip it) and leaves the
-    statistics and ``num_norms`` unchanged.
-
-    Place it first, before the optimizer:
-    ``optax.chain(nox.zclip(), optax.adamw(3e-4))``.
-
-    Args:
-      z_threshold: :math:`z_{\mathrm{thr}} > 0`, the z-score above which a
-        norm is clipped.
-      alpha: :math:`\alpha \in (0, 1)`, the EMA decay.
-      warmup_steps: number of initial (finite) norms that are never clipped
-        and seed the statistics, an integer ``>= 0`` (0 acts as 1: the first
-        norm always seeds the mean).
-      axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) over
-        which the updates are split; ``None`` otherwise.
-
-    Returns:
-      An :class:`optax.GradientTransformation` whose state is a
-      :class:`ZClipState`.
-
-    Raises:
-      ValueError: ``z_threshold`` is not positive, ``alpha`` is outside
-        ``(0, 1)``, or ``warmup_steps`` is not an integer ``>= 0``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import norm_optax as nox
-      >>> tx = nox.zclip(z_threshold=2.0, warmup_steps=2)
-      >>> state = tx.init(None)
-      >>> for scale in (1.0, 3.0):  # warm-up: mean 2, std 1
-      ...     _, state = tx.update({"w": jnp.array([scale])}, state)
-      >>> updates, state = tx.update({"w": jnp.array([10.0])}, state)
-      >>> updates["w"]  # z = 8 > 2: clipped to 2 + 2 * 1
-      Array([4.], dtype=float32)
-
-    References:
-      Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
-      <https://arxiv.org/abs/2504.02507>`_, 2025
-    """
-    declare(
-        z_threshold=(z_threshold, POSITIVE),
-        alpha=(alpha, OPEN_UNIT),
-        warmup_steps=(warmup_steps, COUNT),
-    )
-
-    def init_fn(params: optax.Params) -> ZClipState:
-        del params
-        zero = jnp.zeros((), _F32)
-        return ZClipState(zero, zero, jnp.zeros((), _I32))
-
-    def update_fn(
-        updates: optax.Updates, state: ZClipState, params: Any = None
-    ) -> tuple[optax.Updates, ZClipState]:
-        del params
-        norm = global_norm(updates, axis_name=axis_name)
-        x = _f32(norm)
-        finite = jnp.isfinite(x)
-        mean, var, count = state
-        warmup = jnp.maximum(jnp.asarray(warmup_steps).astype(_I32), 1)
-        in_warmup = count < warmup
-
-        # Clipping, with the statistics from before this step.
-        threshold = mean + _f32(z_threshold) * jnp.sqrt(jnp.maximum(var, 0))
-        scale = jnp.where(
-            in_warmup, jnp.ones((), norm.dtype), clip_scale(norm, threshold)
-        )
-        scale = jnp.where(finite, scale, jnp.nan)
-
-        # Warm-up: Welford's running mean and population variance.
-        n = (count + 1).astype(_F32)
-        delta = x - mean
-        warm_mean = mean + delta / n
-        warm_var = (var * count.astype(_F32) + delta * (x - warm_mean)) / n
-        # After: EMA of the clipped norm; the variance uses the new mean.
-        a = _f32(alpha)
-        clipped = jnp.minimum(x, threshold)
-        ema_mean = a * mean + (1 - a) * clipped
-        ema_var = a * var + (1 - a) * jnp.square(clipped - ema_mean)
-
-        new_mean = jnp.where(in_warmup, warm_mean, ema_mean)
-        new_var = jnp.where(in_warmup, warm_var, ema_var)
-        new_state = ZClipState(
-            jnp.where(finite, new_mean, mean),
-            jnp.where(finite, new_var, var),
-            _increment(count, finite),
-        )
-        return _scaled(updates, scale), new_state
-
-    return optax.GradientTransformation(init_fn, update_fn)
 
 
 # ---------------------------------------------------------------------------

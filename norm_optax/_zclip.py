@@ -23,17 +23,17 @@ import optax
 # of the helpers re-points one edit): the norm, two argument checks, and the
 # scaling of every inexact leaf (half precision in float32, cast once).
 # ---------------------------------------------------------------------------
-from norm_optax._domains import NONNEGATIVE, declare
-from norm_optax._domains import concrete_value as _concrete_value
+from norm_optax._domains import (
+    FINITE_POSITIVE,
+    NONNEGATIVE,
+    OPEN_UNIT,
+    POSITIVE,
+    POSITIVE_COUNT,
+    declare,
+)
 from norm_optax._numerics import scale_leaf
 from norm_optax._transform import map_inexact
 from norm_optax.norms import global_norm
-
-
-def _check_nonnegative(value: Any, name: str) -> None:
-    """Raises ``ValueError`` if a concrete ``value`` is negative or NaN."""
-    arguments: dict[str, Any] = {name: (value, NONNEGATIVE)}
-    declare(**arguments)
 
 
 def _scaled(updates: optax.Updates, scale: jax.Array) -> optax.Updates:
@@ -48,7 +48,6 @@ __all__ = ["ZClipState", "zclip"]
 _F32 = jnp.float32
 _I32 = jnp.int32
 _INT32_MAX = 2**31 - 1
-_INF = float("inf")
 
 # The reference's ``eps`` (its default, in the z-score denominator) and the
 # 1e-6 its clipping coefficient adds to the norm (hard-coded there, as in
@@ -86,22 +85,6 @@ def _f32(value: Any) -> jax.Array:
 def _increment(count: jax.Array, where: jax.Array) -> jax.Array:
     """``count + 1`` where ``where``, saturating at the int32 maximum."""
     return jnp.where(where & (count < _INT32_MAX), count + 1, count)
-
-
-def _domain(
-    value: Any, name: str, ok: Predicate, requirement: str
-) -> list[tuple[Any, Predicate]]:
-    """Checks a concrete ``value`` now; a traced one is returned for run time.
-
-    ``ok`` works on a Python float and on a float32 scalar array alike (it
-    must be ``False`` for NaN).
-    """
-    number = _concrete_value(value, name)
-    if number is None:
-        return [(value, ok)]
-    if not ok(number):
-        raise ValueError(f"{name} must be {requirement}, got {value!r}.")
-    return []
 
 
 def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
@@ -299,26 +282,14 @@ def zclip(
     skip = _check_flag(skip_stats_on_spike, "skip_stats_on_spike")
 
     # Numeric arguments: concrete ones are checked now, traced ones at run time.
-    traced = [
-        *_domain(z_threshold, "z_threshold", lambda v: v > 0, "> 0"),
-        *_domain(alpha, "alpha", lambda v: (v > 0) & (v < 1), "in (0, 1)"),
-        *_domain(
-            warmup_steps,
-            "warmup_steps",
-            lambda v: (v >= 1) & (v % 1 == 0),
-            "an integer >= 1",
-        ),
-        *_domain(
-            clip_factor,
-            "clip_factor",
-            lambda v: (v > 0) & (v < _INF),
-            "> 0 and finite",
-        ),
-    ]
-    if max_norm is not None:
-        _check_nonnegative(max_norm, "max_norm")
-        if _concrete_value(max_norm, "max_norm") is None:
-            traced.append((max_norm, lambda v: v >= 0))
+    hypers = declare(
+        z_threshold=(z_threshold, POSITIVE),
+        alpha=(alpha, OPEN_UNIT),
+        warmup_steps=(warmup_steps, POSITIVE_COUNT),
+        clip_factor=(clip_factor, FINITE_POSITIVE),
+        # ``None`` disables the ceiling; 0.0 only stands in for the check.
+        max_norm=(0.0 if max_norm is None else max_norm, NONNEGATIVE),
+    )
 
     def init_fn(params: optax.Params) -> ZClipState:
         del params
@@ -334,9 +305,7 @@ def zclip(
         del params, extra_args
         x = _f32(global_norm(updates, axis_name=axis_name))
         finite = jnp.isfinite(x)
-        valid = jnp.asarray(True)
-        for value, ok in traced:
-            valid = valid & ok(_f32(value))
+        valid = jnp.asarray(hypers.valid(hypers.at(None)))
         mean, var, num_finite, num_spikes = state
         # The reference's `not self.initialized`.
         in_warmup = num_finite.astype(_F32) < _f32(warmup_steps)

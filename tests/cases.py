@@ -1,10 +1,15 @@
-"""The registry of stateless transforms that ``test_battery.py`` runs over.
+"""The registry of every public transform, in one place: the battery runs each.
 
-Every public stateless transform of API.md section 2 has one ``Case`` here
-(``test_battery.test_every_public_transform_is_registered`` fails otherwise).
-A case says how to build the transform, which of its arguments are numeric
-hyper-parameters (traced under ``optax.inject_hyperparams`` and
-differentiated in the meta-gradient test), and whether it reads ``params``.
+Every public transform of API.md sections 2, 5 and 7 has at least one
+``Case`` here (``test_battery.test_every_public_transform_is_registered``
+fails otherwise). A case says how to build the transform, which of its
+arguments are numeric hyper-parameters (traced under
+``optax.inject_hyperparams`` and differentiated in the meta-gradient test),
+which must be static under ``inject_hyperparams`` (sizes, callables,
+structural arguments), whether it reads ``params``, and how many update
+steps the battery runs (state threaded), so that stateful companions get
+past their warm-up and the battery checks their statistics, not their
+first step.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -27,12 +33,20 @@ class Case:
     kwargs: dict[str, Any]
     hyper: tuple[str, ...]  # numeric, injectable, differentiable arguments
     needs_params: bool = False
+    steps: int = 1  # updates the battery runs, the state threaded through
+    static: tuple[str, ...] = ()  # static_args under optax.inject_hyperparams
+    stateless: bool = True  # state is optax.EmptyState()
 
     def make(self, **overrides: Any) -> optax.GradientTransformation:
         return self.factory(**{**self.kwargs, **overrides})
 
     def __str__(self) -> str:
         return self.name
+
+
+# ``stack_axes`` as a callable of the tree: the conv kernel (3, 3, 2, 4) is a
+# stack of 3 layers, the other leaves are not stacked.
+STACK_CONV = nox.masks.by_path("^conv/")
 
 
 CLIPPING = [
@@ -46,6 +60,13 @@ CLIPPING = [
         nox.clip_by_norm,
         {"max_norm": 0.5, "ord": "inf"},
         ("max_norm",),
+    ),
+    Case(
+        "clip_by_norm_stacked",
+        nox.clip_by_norm,
+        {"max_norm": 1.0, "stack_axes": STACK_CONV},
+        ("max_norm",),
+        static=("stack_axes",),
     ),
     Case(
         "clip_by_global_norm", nox.clip_by_global_norm, {"max_norm": 1.0}, ("max_norm",)
@@ -75,12 +96,19 @@ CLIPPING = [
         ("clipping", "eps"),
         needs_params=True,
     ),
+    Case(
+        "adaptive_clip_stacked_out_first",
+        nox.adaptive_clip,
+        {"clipping": 0.05, "axis": "out_first", "stack_axes": STACK_CONV},
+        ("clipping", "eps"),
+        needs_params=True,
+        static=("stack_axes",),
+    ),
 ]
 
-# Projection and decay transforms (API.md 2.2, 2.3) register here. A callable
-# ``mask`` would be taken for a schedule by ``optax.inject_hyperparams`` (it
-# belongs in ``static_args``), so masks and most ``axis`` variants are tested in
-# test_projection.py, test_decay.py and test_masks.py instead.
+# Projections, decay and prox (API.md 2.2, 2.3, 7). A callable ``mask`` or
+# ``stack_axes`` would be taken for a schedule by ``optax.inject_hyperparams``,
+# so those cases list it in ``static``.
 PROJECTION_AND_DECAY: list[Case] = [
     Case("clip_weights", nox.clip_weights, {"max_value": 1.0}, ("max_value",), True),
     Case("non_negative", nox.non_negative, {}, (), True),
@@ -93,7 +121,27 @@ PROJECTION_AND_DECAY: list[Case] = [
         ("max_value",),
         True,
     ),
+    Case(
+        "max_norm_stacked_masked",
+        nox.max_norm,
+        {
+            "max_value": 1.0,
+            "stack_axes": STACK_CONV,
+            "mask": nox.masks.matrices_only(stack_axes=STACK_CONV),
+        },
+        ("max_value",),
+        True,
+        static=("stack_axes", "mask"),
+    ),
     Case("unit_norm", nox.unit_norm, {}, (), True),
+    Case(
+        "unit_norm_out_first",
+        nox.unit_norm,
+        {"axis": "out_first", "stack_axes": STACK_CONV},
+        (),
+        True,
+        static=("stack_axes",),
+    ),
     Case(
         "min_max_norm",
         nox.min_max_norm,
@@ -122,9 +170,123 @@ PROJECTION_AND_DECAY: list[Case] = [
         ("coeff", "learning_rate"),
         True,
     ),
+    Case(
+        "prox_l1_schedule",
+        nox.prox_l1,
+        {"coeff": 0.5, "learning_rate": optax.linear_schedule(1.0, 0.5, 4)},
+        ("coeff",),
+        True,
+        steps=3,
+        stateless=False,
+    ),
+    Case(
+        "prox_group_l1",
+        nox.prox_group_l1,
+        {"coeff": 1.0, "learning_rate": 1.0},
+        ("coeff", "learning_rate"),
+        True,
+    ),
+    Case(
+        "prox_group_l1_stacked_schedule",
+        nox.prox_group_l1,
+        {
+            "coeff": 1.0,
+            "learning_rate": optax.exponential_decay(1.0, 1, 0.5),
+            "stack_axes": STACK_CONV,
+        },
+        ("coeff",),
+        True,
+        steps=3,
+        static=("stack_axes",),
+        stateless=False,
+    ),
+    Case(
+        "prox_elastic_net",
+        nox.prox_elastic_net,
+        {"l1": 0.5, "l2": 0.5, "learning_rate": 1.0},
+        ("l1", "l2", "learning_rate"),
+        True,
+    ),
 ]
 
-CASES = CLIPPING + PROJECTION_AND_DECAY
+# Stateful companions (API.md 5, 7): several steps, the state threaded.
+STATEFUL: list[Case] = [
+    Case(
+        "record_norms",
+        nox.record_norms,
+        {"inner": nox.clip_by_global_norm(1.0)},
+        (),
+        steps=2,
+        stateless=False,
+    ),
+    Case(
+        "autoclip",
+        nox.autoclip,
+        {"percentile": 10.0, "history": 4},
+        ("percentile",),
+        steps=3,
+        static=("history",),
+        stateless=False,
+    ),
+    Case("zclip", nox.zclip, {}, (), steps=3, stateless=False),
+    Case(
+        "zclip_after_warmup",
+        nox.zclip,
+        {"warmup_steps": 2, "max_norm": None, "z_threshold": 1.0},
+        ("z_threshold", "alpha"),
+        steps=4,
+        stateless=False,
+    ),
+    Case(
+        "skip_on_spike",
+        nox.skip_on_spike,
+        {"inner": nox.max_norm(1.0), "window": 2},
+        ("num_sigma",),
+        needs_params=True,
+        steps=4,
+        static=("window",),
+        stateless=False,
+    ),
+]
+
+if hasattr(nox, "clip_spectral_norm"):
+    STATEFUL.append(
+        Case(
+            "clip_spectral_norm",
+            nox.clip_spectral_norm,
+            {"max_value": 1.0, "num_iters": 2},
+            ("max_value",),
+            needs_params=True,
+            steps=2,
+            stateless=False,
+        )
+    )
+    STATEFUL.append(
+        Case(
+            "clip_spectral_norm_stacked_out_first",
+            nox.clip_spectral_norm,
+            {"max_value": 1.0, "axis": "out_first", "stack_axes": STACK_CONV},
+            ("max_value",),
+            needs_params=True,
+            steps=2,
+            static=("stack_axes",),
+            stateless=False,
+        )
+    )
+
+CASES = CLIPPING + PROJECTION_AND_DECAY + STATEFUL
+
+
+def step_updates(updates: Any, step: int) -> Any:
+    """The updates of step ``step`` of a run: the same tree, growing norms."""
+    factor = 1.0 + 0.5 * step
+
+    def scale(x: Any) -> Any:
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact):
+            return (x * factor).astype(x.dtype)
+        return x
+
+    return jax.tree.map(scale, updates)
 
 
 def normal_tree(

@@ -64,10 +64,53 @@ CONTRACT: dict[str, list[tuple[str, object]]] = {
         ("window", 128),
         ("num_sigma", 6.0),
     ],
+    # 7. More techniques.
+    "prox_group_l1": [
+        ("coeff", inspect.Parameter.empty),
+        ("learning_rate", inspect.Parameter.empty),
+        ("axis", None),
+    ],
+    "prox_elastic_net": [
+        ("l1", inspect.Parameter.empty),
+        ("l2", inspect.Parameter.empty),
+        ("learning_rate", inspect.Parameter.empty),
+        ("mask", None),
+    ],
+    "clip_spectral_norm": [
+        ("max_value", inspect.Parameter.empty),
+        ("num_iters", 1),
+        ("axis", None),
+    ],
 }
 
-# The stateless transforms of API.md section 2 (the shared battery runs each).
-STATELESS_TRANSFORMS = [
+# Keyword-only arguments API.md names, with their defaults.
+KEYWORD_ONLY: dict[str, dict[str, object]] = {
+    "zclip": {
+        "max_norm": 1.0,
+        "mode": "zscore",
+        "clip_option": "adaptive_scaling",
+        "clip_factor": 1.0,
+        "skip_stats_on_spike": False,
+    },
+    "prox_group_l1": {"stack_axes": None, "mask": None},
+    "clip_spectral_norm": {"stack_axes": None, "mask": None},
+}
+
+# API.md section 6: every per-leaf or per-unit operation takes ``stack_axes``.
+STACK_AXES = [
+    "leaf_norms",
+    "unit_norms",
+    "clip_by_norm",
+    "adaptive_clip",
+    "max_norm",
+    "unit_norm",
+    "min_max_norm",
+    "prox_group_l1",
+    "clip_spectral_norm",
+]
+
+# Every public transform (the shared battery runs each, see tests/cases.py).
+TRANSFORMS = [
     "clip_by_value",
     "clip_by_norm",
     "clip_by_global_norm",
@@ -84,18 +127,29 @@ STATELESS_TRANSFORMS = [
     "add_l2_decay",
     "add_l1_decay",
     "prox_l1",
+    "prox_group_l1",
+    "prox_elastic_net",
+    "clip_spectral_norm",
+    "record_norms",
+    "autoclip",
+    "zclip",
+    "skip_on_spike",
 ]
 
-# Every stateless transform but the four that only look at the updates.
+# The transforms that read ``params`` (they take a ``mask``).
 PARAMS_READERS = [
     name
-    for name in STATELESS_TRANSFORMS
+    for name in TRANSFORMS
     if name
     not in (
         "clip_by_value",
         "clip_by_norm",
         "clip_by_global_norm",
         "normalize_by_global_norm",
+        "record_norms",
+        "autoclip",
+        "zclip",
+        "skip_on_spike",
     )
 ]
 
@@ -115,6 +169,27 @@ def test_public_name_and_arguments(name: str) -> None:
     doc = inspect.getdoc(fn) or ""
     assert "Example" in doc, f"{name} needs an Example section"
     assert ">>>" in doc, f"{name} needs a doctest example"
+
+
+@pytest.mark.parametrize("name", sorted(KEYWORD_ONLY))
+def test_keyword_only_arguments(name: str) -> None:
+    params = inspect.signature(getattr(nox, name)).parameters
+    for arg, default in KEYWORD_ONLY[name].items():
+        assert params[arg].kind is inspect.Parameter.KEYWORD_ONLY, (name, arg)
+        assert params[arg].default == default, (name, arg)
+
+
+@pytest.mark.parametrize("name", STACK_AXES)
+def test_stack_axes_is_a_keyword_with_default_none(name: str) -> None:
+    param = inspect.signature(getattr(nox, name)).parameters["stack_axes"]
+    assert param.kind is inspect.Parameter.KEYWORD_ONLY
+    assert param.default is None
+
+
+def test_matrices_only_takes_stack_axes() -> None:
+    param = inspect.signature(nox.masks.matrices_only).parameters["stack_axes"]
+    assert param.kind is inspect.Parameter.KEYWORD_ONLY
+    assert param.default is None
 
 
 @pytest.mark.parametrize("name", PARAMS_READERS)

@@ -1,9 +1,14 @@
-"""One battery of tests run over every stateless transform in ``cases.py``.
+"""One battery of tests run over every transform in ``cases.py``.
 
-The contract of API.md section 2 that every transform shares: stateless,
-jit == eager, vmap, finite (meta-)gradients at zero updates, every dtype kept,
-``optax.inject_hyperparams`` under jit, empty trees, skipped leaves passed
-through, and no recompilation across calls.
+The contract of API.md sections 2-7 that every transform shares, stateless
+and stateful alike (a stateful case runs ``case.steps`` updates with its
+state threaded, so the checks see its statistics after warm-up): jit ==
+eager, vmap, finite (meta-)gradients at zero updates, every dtype kept and
+close to a float64 run, ``optax.inject_hyperparams`` under jit, empty trees,
+skipped leaves passed through, extra keyword arguments to ``update``
+accepted and ignored (optax's ``GradientTransformationExtraArgs``
+convention), a state whose structure, shapes and dtypes never change, and
+no recompilation across calls.
 """
 
 from __future__ import annotations
@@ -18,24 +23,41 @@ import optax
 import pytest
 
 import norm_optax as nox
-from tests.cases import CASES, Case, make_tree
+from tests.cases import CASES, Case, make_tree, step_updates
 from tests.conftest import rtol, to_f64
-from tests.test_api import STATELESS_TRANSFORMS
+from tests.test_api import TRANSFORMS
 
 each_case = pytest.mark.parametrize("case", CASES, ids=str)
 
 
-def _apply(
+def _run(
     case: Case,
     updates: Any,
     params: Any,
     tx: optax.GradientTransformation | None = None,
-) -> Any:
+    update: Any = None,
+    **extra: Any,
+) -> tuple[Any, Any]:
+    """``case.steps`` updates from ``init(params)``: the last output, the state."""
     tx = case.make() if tx is None else tx
+    update = tx.update if update is None else update
     state = tx.init(params)
-    out, new_state = tx.update(updates, state, params if case.needs_params else None)
-    chex.assert_trees_all_equal_structs(state, new_state)
-    return out
+    out = updates
+    for step in range(case.steps):
+        new_state: Any
+        out, new_state = update(
+            step_updates(updates, step),
+            state,
+            params if case.needs_params else None,
+            **extra,
+        )
+        chex.assert_trees_all_equal_shapes_and_dtypes(state, new_state)
+        state = new_state
+    return out, state
+
+
+def _apply(case: Case, updates: Any, params: Any, **kw: Any) -> Any:
+    return _run(case, updates, params, **kw)[0]
 
 
 def _inputs(dtype: Any = jnp.float32, seed: int = 0) -> tuple[Any, Any]:
@@ -46,13 +68,21 @@ def _inexact(tree: Any) -> list[jax.Array]:
     return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
 
 
+def _drop(tree: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in tree.items() if k not in keys}
+
+
 @each_case
-def test_state_is_empty(case: Case) -> None:
+def test_state(case: Case) -> None:
     updates, params = _inputs()
     tx = case.make()
-    assert tx.init(params) == optax.EmptyState()
-    _, state = tx.update(updates, tx.init(params), params)
-    assert state == optax.EmptyState()
+    _out, state = _run(case, updates, params)
+    if case.stateless:
+        assert tx.init(params) == optax.EmptyState()
+        assert state == optax.EmptyState()
+    else:
+        assert tx.init(params) != optax.EmptyState()
+        chex.assert_trees_all_equal_shapes_and_dtypes(state, tx.init(params))
 
 
 @each_case
@@ -60,8 +90,9 @@ def test_state_is_empty(case: Case) -> None:
 def test_structure_dtype_and_skipped_leaves(case: Case, jit: bool) -> None:
     updates, params = _inputs()
     tx = case.make()
-    update = jax.jit(tx.update) if jit else tx.update
-    out, _ = update(updates, tx.init(params), params)
+    out = _apply(
+        case, updates, params, tx=tx, update=jax.jit(tx.update) if jit else None
+    )
     chex.assert_trees_all_equal_shapes_and_dtypes(out, updates)
     assert out["frozen"] is None
     assert out["step"] is updates["step"] or int(out["step"]) == 7
@@ -69,11 +100,23 @@ def test_structure_dtype_and_skipped_leaves(case: Case, jit: bool) -> None:
 
 
 @each_case
+def test_extra_keyword_arguments_are_accepted_and_ignored(case: Case) -> None:
+    updates, params = _inputs(seed=2)
+    plain = _apply(case, updates, params)
+    extra = _apply(case, updates, params, value=jnp.float32(1.0), other="x")
+    chex.assert_trees_all_equal(plain, extra)
+    # ... also inside optax.chain, which passes them to every member.
+    tx = optax.chain(case.make(), optax.identity())
+    chained = _apply(case, updates, params, tx=tx, value=jnp.float32(1.0))
+    chex.assert_trees_all_equal(plain, chained)
+
+
+@each_case
 def test_jit_matches_eager(case: Case) -> None:
     updates, params = _inputs(seed=3)
     tx = case.make()
-    eager = tx.update(updates, tx.init(params), params)[0]
-    jitted = jax.jit(tx.update)(updates, tx.init(params), params)[0]
+    eager = _apply(case, updates, params, tx=tx)
+    jitted = _apply(case, updates, params, tx=tx, update=jax.jit(tx.update))
     chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-6)
 
 
@@ -82,9 +125,10 @@ def test_changes_something(case: Case) -> None:
     """The inputs are large enough that every transform is active on them."""
     updates, params = _inputs(seed=4)
     out = _apply(case, updates, params)
+    last = step_updates(updates, case.steps - 1)
     diffs = [
         float(jnp.max(jnp.abs(a - b)))
-        for a, b in zip(_inexact(out), _inexact(updates), strict=True)
+        for a, b in zip(_inexact(out), _inexact(last), strict=True)
     ]
     assert max(diffs) > 1e-3
 
@@ -98,20 +142,20 @@ def test_changes_something(case: Case) -> None:
 def test_dtypes_match_float64_reference(case: Case, dtype: Any) -> None:
     with jax.enable_x64(True):
         updates, params = _inputs(dtype, seed=5)
-        out = _apply(case, updates, params)
+        out, _state = _run(case, updates, params)
         chex.assert_trees_all_equal_shapes_and_dtypes(out, updates)
         ref = _apply(
             case,
             jax.tree.map(jnp.asarray, to_f64(updates)),
             jax.tree.map(jnp.asarray, to_f64(params)),
         )
+    # Statistics kept in a state are float32 whatever the leaf dtype.
+    tolerance = max(rtol(dtype), 0.0 if case.stateless else 1e-5)
     for got, want in zip(
         _inexact(to_f64(out)), _inexact(jax.tree.map(np.asarray, ref)), strict=True
     ):
         scale = float(np.max(np.abs(want), initial=1.0))
-        np.testing.assert_allclose(
-            got, want, rtol=rtol(dtype), atol=rtol(dtype) * scale
-        )
+        np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * scale)
 
 
 @each_case
@@ -119,13 +163,11 @@ def test_vmap_matches_loop(case: Case) -> None:
     batch = [_inputs(seed=s) for s in range(3)]
     updates = jax.tree.map(lambda *xs: jnp.stack(xs), *[u for u, _ in batch])
     params = jax.tree.map(lambda *xs: jnp.stack(xs), *[p for _, p in batch])
-    tx = case.make()
+    updates, params = _drop(updates, "step", "frozen"), _drop(params, "step", "frozen")
 
     def one(u: Any, p: Any) -> Any:
-        return tx.update(u, tx.init(p), p if case.needs_params else None)[0]
+        return _apply(case, u, p)
 
-    updates = {k: v for k, v in updates.items() if k not in ("step", "frozen")}
-    params = {k: v for k, v in params.items() if k not in ("step", "frozen")}
     batched = jax.vmap(one)(updates, params)
     for i in range(3):
         single = one(
@@ -139,29 +181,29 @@ def test_vmap_matches_loop(case: Case) -> None:
 
 @each_case
 def test_grad_at_zero_updates_is_finite(case: Case) -> None:
-    _, params = _inputs()
-    zeros = jax.tree.map(
-        lambda x: jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.inexact) else x,
-        params,
-    )
-    inexact_zeros = {k: v for k, v in zeros.items() if k not in ("step", "frozen")}
-    inexact_params = {k: v for k, v in params.items() if k not in ("step", "frozen")}
+    updates, params = _inputs()
+    updates, params = _drop(updates, "step", "frozen"), _drop(params, "step", "frozen")
+    zeros = jax.tree.map(jnp.zeros_like, params)
 
     def total(u: Any, hyper: dict[str, jax.Array]) -> jax.Array:
         tx = case.make(**hyper)
-        out, _ = tx.update(u, tx.init(inexact_params), inexact_params)
+        state = tx.init(params)
+        p = params if case.needs_params else None
+        for step in range(case.steps - 1):  # warm up on ordinary updates
+            _, state = tx.update(step_updates(updates, step), state, p)
+        out, _ = tx.update(u, state, p)
         return jnp.sum(jnp.stack([jnp.sum(x) for x in jax.tree.leaves(out)]))
 
     hyper = {
         name: jnp.asarray(case.kwargs.get(name, 1e-3), jnp.float32)
         for name in case.hyper
     }
-    grads = jax.grad(total, argnums=(0, 1))(inexact_zeros, hyper)
+    grads = jax.grad(total, argnums=(0, 1))(zeros, hyper)
     for g in jax.tree.leaves(grads):
         assert bool(jnp.all(jnp.isfinite(g))), grads
     # Second order too: the gradient of the gradient norm (meta-gradients).
     hessian_vector = jax.grad(lambda u: nox.global_norm(jax.grad(total)(u, hyper)))(
-        inexact_zeros
+        zeros
     )
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(hessian_vector))
 
@@ -170,14 +212,14 @@ def test_grad_at_zero_updates_is_finite(case: Case) -> None:
 @pytest.mark.standard_promotion
 def test_inject_hyperparams_under_jit(case: Case) -> None:
     updates, params = _inputs(seed=6)
-    updates = {k: v for k, v in updates.items() if k != "step"}
-    params = {k: v for k, v in params.items() if k != "step"}
-    injected = optax.inject_hyperparams(case.factory)(**case.kwargs)
-    state = injected.init(params)
+    updates, params = _drop(updates, "step"), _drop(params, "step")
+    injected = optax.inject_hyperparams(case.factory, static_args=case.static)(
+        **case.kwargs
+    )
     for name in case.hyper:
         if name in case.kwargs:
-            assert name in state.hyperparams
-    out, _ = jax.jit(injected.update)(updates, state, params)
+            assert name in injected.init(params).hyperparams
+    out = _apply(case, updates, params, tx=injected, update=jax.jit(injected.update))
     direct = _apply(case, updates, params)
     chex.assert_trees_all_close(out, direct, rtol=1e-6, atol=1e-6)
 
@@ -195,32 +237,29 @@ def test_no_recompilation_across_calls(case: Case) -> None:
 
     @jax.jit
     @chex.assert_max_traces(n=1)
-    def step(u: Any, p: Any) -> Any:
-        return tx.update(u, tx.init(p), p)[0]
+    def update(u: Any, state: Any, p: Any) -> Any:
+        return tx.update(u, state, p)
 
     chex.clear_trace_counter()
     for seed in range(3):
         updates, params = _inputs(seed=seed)
-        step(updates, params)
+        _run(case, updates, params, tx=tx, update=update)
 
 
 @each_case
 @pytest.mark.standard_promotion
 def test_chains_with_an_optimizer(case: Case) -> None:
     updates, params = _inputs(seed=7)
-    params = {k: v for k, v in params.items() if k != "step"}
-    updates = {k: v for k, v in updates.items() if k != "step"}
+    updates, params = _drop(updates, "step"), _drop(params, "step")
     tx = optax.chain(case.make(), optax.adamw(1e-2))
     state = tx.init(params)
     step = jax.jit(tx.update)
-    for _ in range(3):
-        out, state = step(updates, state, params)
+    for t in range(3):
+        out, state = step(step_updates(updates, t), state, params)
         params = optax.apply_updates(params, out)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in _inexact(params))
 
 
 def test_every_public_transform_is_registered() -> None:
     registered = {c.factory.__name__ for c in CASES}
-    assert set(STATELESS_TRANSFORMS) <= registered, (
-        set(STATELESS_TRANSFORMS) - registered
-    )
+    assert set(TRANSFORMS) <= registered, set(TRANSFORMS) - registered
