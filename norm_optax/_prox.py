@@ -202,8 +202,12 @@ def prox_group_l1(
     def shrink(norm: jax.Array, leaf: Leaf, values: Values) -> jax.Array:
         del leaf
         tau = _real(values["coeff"], norm) * _real(values["learning_rate"], norm)
-        # A zero unit stays zero (scale 1, nothing to shrink).
-        return jnp.maximum(0, 1 - safe_ratio(tau, norm, 0))
+        # A unit whose norm is 0 (or underflows to 0 in its squares) is within
+        # any positive threshold: it becomes exactly 0; at tau = 0 it is kept.
+        at_zero = jnp.where(tau > 0, 0, 1).astype(norm.dtype)
+        return jnp.where(
+            norm > 0, jnp.maximum(0, 1 - safe_ratio(tau, norm, 0)), at_zero
+        )
 
     return projection(
         "prox_group_l1",
