@@ -2,8 +2,8 @@
 
 ``project_l2_ball`` and ``project_l1_ball`` project all selected leaves of
 ``p + u`` together onto ``{w : ||w|| <= r}``, and return ``u' = P(p + u) - p``
-with the rounding rules of ``_projection`` (the new parameters are never
-larger in magnitude than the exact projection, also in half precision).
+landed as every projection is (``_numerics.land``): the new parameters are
+never larger in magnitude than the exact projection, also in half precision.
 Their norms are global ones, so under GSPMD they cost one all-reduce of a
 scalar (see ``_sharding``), and the L1 threshold is found without sorting, so
 no leaf is ever gathered.
@@ -50,7 +50,8 @@ def project_l2_ball(
         the norm and pass unchanged.
 
     Returns:
-      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+      A stateless :class:`optax.GradientTransformationExtraArgs` that needs
+      ``params`` (extra keyword arguments to ``update`` are ignored).
 
     Raises:
       ValueError: ``radius`` is negative or NaN (at construction); ``params``
@@ -165,7 +166,8 @@ def project_l1_ball(
         pass unchanged.
 
     Returns:
-      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+      A stateless :class:`optax.GradientTransformationExtraArgs` that needs
+      ``params`` (extra keyword arguments to ``update`` are ignored).
 
     Raises:
       ValueError: ``radius`` is negative or NaN (at construction); ``params``

@@ -51,7 +51,8 @@ def clip_by_value(max_delta: Scalar) -> optax.GradientTransformationExtraArgs:
       max_delta: the bound, ``>= 0``.
 
     Returns:
-      A stateless :class:`optax.GradientTransformation`.
+      A stateless :class:`optax.GradientTransformationExtraArgs` (extra
+      keyword arguments to ``update`` are ignored).
 
     Raises:
       ValueError: ``max_delta`` is negative or NaN.
@@ -180,7 +181,8 @@ def clip_by_global_norm(
         which the gradient is split; ``None`` otherwise.
 
     Returns:
-      A stateless :class:`optax.GradientTransformation`.
+      A stateless :class:`optax.GradientTransformationExtraArgs` (extra
+      keyword arguments to ``update`` are ignored).
 
     Raises:
       ValueError: ``max_norm`` is negative or NaN, or ``ord`` is unknown.
@@ -242,7 +244,8 @@ def normalize_by_global_norm(
         which the gradient is split; ``None`` otherwise.
 
     Returns:
-      A stateless :class:`optax.GradientTransformation`.
+      A stateless :class:`optax.GradientTransformationExtraArgs` (extra
+      keyword arguments to ``update`` are ignored).
 
     Raises:
       ValueError: ``norm`` is negative or NaN.
@@ -304,15 +307,23 @@ def adaptive_clip(
       clipping: :math:`\lambda`, the largest ratio of gradient to weight norm
         per unit, ``>= 0``.
       eps: :math:`\epsilon`, the smallest weight norm used, ``>= 0``.
-      axis: axes to reduce over for every leaf, or ``None`` (Flax convention).
-        Under :func:`optax.inject_hyperparams` pass it in ``static_args``.
+      axis: the axes a unit reduces over: ``None`` (the Flax convention),
+        ``"out_first"`` (PyTorch/Equinox weights ``(out, in, *kernel)``), an
+        int or a tuple of ints, or a tree of those matching the params, or a
+        callable ``params -> tree``. Under :func:`optax.inject_hyperparams`
+        pass it in ``static_args`` (or as a tuple).
       mask: a tree of bools matching the params (or a prefix of it), or a
         callable ``params -> tree``; leaves marked ``False`` pass unchanged.
         Under :func:`optax.inject_hyperparams` a callable mask must be listed
         in ``static_args``.
+      stack_axes: how many leading axes index stacked layers (API.md
+        section 6), each with its own units: ``None`` (none), an int for
+        every leaf, a tree of ints or bools matching the params, or a
+        callable ``params -> tree`` such as ``nox.masks.by_path("layers/")``.
 
     Returns:
-      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+      A stateless :class:`optax.GradientTransformationExtraArgs` that needs
+      ``params`` (extra keyword arguments to ``update`` are ignored).
 
     Raises:
       ValueError: ``clipping`` or ``eps`` is negative or NaN (at

@@ -64,7 +64,8 @@ def add_l2_decay(
         callable ``params -> tree``; leaves marked ``False`` pass unchanged.
 
     Returns:
-      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+      A stateless :class:`optax.GradientTransformationExtraArgs` that needs
+      ``params`` (extra keyword arguments to ``update`` are ignored).
 
     Raises:
       ValueError: ``coeff`` is negative, NaN or infinite (at construction); ``params``
@@ -116,7 +117,8 @@ def add_l1_decay(
         callable ``params -> tree``; leaves marked ``False`` pass unchanged.
 
     Returns:
-      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+      A stateless :class:`optax.GradientTransformationExtraArgs` that needs
+      ``params`` (extra keyword arguments to ``update`` are ignored).
 
     Raises:
       ValueError: ``coeff`` is negative, NaN or infinite (at construction); ``params``

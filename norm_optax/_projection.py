@@ -7,8 +7,8 @@ A projection reads the current ``params`` and returns the update
 so that ``optax.apply_updates(params, u')`` is the projection of the proposed
 parameters ``p + u`` onto a constraint set (a box, a norm bound per unit;
 the L2 and L1 balls over the whole tree are in ``_balls``, on the same
-machinery). Every transform here is stateless (``optax.EmptyState``) and
-needs ``params``.
+builder, ``_transform.projection``). Every transform here is stateless
+(``optax.EmptyState``) and needs ``params``.
 
 **Rounding.** ``optax.apply_updates`` adds ``u'`` to ``p`` in the parameter's
 dtype, which rounds once more. Elements a projection leaves alone get ``u``
@@ -22,7 +22,9 @@ spacing about one ulp of ``p``: when the target is much smaller than ``p``,
 the new parameter lands up to that far inside.) Norm bounds are aimed four
 units in the last place (of the accumulation dtype) inside, so that the
 rounding of the norm itself cannot push a unit over. A target of exactly
-``0`` gives ``u' = -p``, so the new parameter is exactly ``0``. A NaN in
+``0`` gives ``u' = -p``, so the new parameter is exactly ``0``. The
+equality constraint of :func:`unit_norm` is landed to nearest instead: no
+bias, a few roundings of that grid either side. A NaN in
 ``params`` or ``updates`` gives NaN, never a plausible-looking value.
 
 Under :func:`optax.inject_hyperparams`, pass ``axis`` and a callable ``mask``
@@ -99,7 +101,8 @@ def clip_weights(
         callable ``params -> tree``; leaves marked ``False`` pass unchanged.
 
     Returns:
-      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+      A stateless :class:`optax.GradientTransformationExtraArgs` that needs
+      ``params`` (extra keyword arguments to ``update`` are ignored).
 
     Raises:
       ValueError: ``max_value`` is negative or NaN (at construction);
@@ -145,7 +148,8 @@ def project_linf_ball(
         callable ``params -> tree``; leaves marked ``False`` pass unchanged.
 
     Returns:
-      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+      A stateless :class:`optax.GradientTransformationExtraArgs` that needs
+      ``params`` (extra keyword arguments to ``update`` are ignored).
 
     Raises:
       ValueError: ``radius`` is negative or NaN (at construction); ``params``
@@ -183,7 +187,8 @@ def non_negative(mask: Mask = None) -> optax.GradientTransformationExtraArgs:
         callable ``params -> tree``; leaves marked ``False`` pass unchanged.
 
     Returns:
-      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+      A stateless :class:`optax.GradientTransformationExtraArgs` that needs
+      ``params`` (extra keyword arguments to ``update`` are ignored).
 
     Raises:
       ValueError: ``params`` is missing or ``params``/``mask`` does not match
@@ -279,16 +284,23 @@ def max_norm(
 
     Args:
       max_value: :math:`c`, the largest unit norm, ``>= 0``.
-      axis: axes to reduce over for every leaf, or ``None`` (Flax convention).
-        Under :func:`optax.inject_hyperparams` pass it in ``static_args`` (or
-        as a tuple).
+      axis: the axes a unit reduces over: ``None`` (the Flax convention),
+        ``"out_first"`` (PyTorch/Equinox weights ``(out, in, *kernel)``), an
+        int or a tuple of ints, or a tree of those matching the params, or a
+        callable ``params -> tree``. Under :func:`optax.inject_hyperparams`
+        pass it in ``static_args`` (or as a tuple).
       mask: a tree of bools matching the params (or a prefix of it), or a
         callable ``params -> tree`` such as
         :func:`norm_optax.masks.matrices_only`; leaves marked ``False`` pass
         unchanged.
+      stack_axes: how many leading axes index stacked layers (API.md
+        section 6), each with its own units: ``None`` (none), an int for
+        every leaf, a tree of ints or bools matching the params, or a
+        callable ``params -> tree`` such as ``nox.masks.by_path("layers/")``.
 
     Returns:
-      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+      A stateless :class:`optax.GradientTransformationExtraArgs` that needs
+      ``params`` (extra keyword arguments to ``update`` are ignored).
 
     Raises:
       ValueError: ``max_value`` is negative or NaN (at construction);
@@ -330,21 +342,31 @@ def unit_norm(
 
     for every unit :math:`w` of :math:`p + u` (Flax kernel convention unless
     ``axis`` is given, see :func:`max_norm`). A zero unit stays zero (it has
-    no direction). After ``optax.apply_updates`` the norm is ``1`` up to one
-    rounding of the parameter dtype (for a unit that moves far, of the
-    parameter dtype at the old values' magnitude). A NaN or infinite unit norm makes the
-    unit NaN.
+    no direction). After ``optax.apply_updates`` the norm is ``1`` up to a
+    few roundings of the parameter dtype (for a unit that moves far, of the
+    parameter dtype at the old values' magnitude), on either side: the new
+    parameters are landed to nearest, so the norms are not biased. A NaN or
+    infinite unit norm makes the unit NaN.
 
     Place it last, after the learning rate:
     ``optax.chain(optax.adam(1e-3), nox.unit_norm(mask=nox.masks.matrices_only))``.
 
     Args:
-      axis: axes to reduce over for every leaf, or ``None`` (Flax convention).
+      axis: the axes a unit reduces over: ``None`` (the Flax convention),
+        ``"out_first"`` (PyTorch/Equinox weights ``(out, in, *kernel)``), an
+        int or a tuple of ints, or a tree of those matching the params, or a
+        callable ``params -> tree``. Under :func:`optax.inject_hyperparams`
+        pass it in ``static_args`` (or as a tuple).
       mask: a tree of bools matching the params (or a prefix of it), or a
         callable ``params -> tree``; leaves marked ``False`` pass unchanged.
+      stack_axes: how many leading axes index stacked layers (API.md
+        section 6), each with its own units: ``None`` (none), an int for
+        every leaf, a tree of ints or bools matching the params, or a
+        callable ``params -> tree`` such as ``nox.masks.by_path("layers/")``.
 
     Returns:
-      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+      A stateless :class:`optax.GradientTransformationExtraArgs` that needs
+      ``params`` (extra keyword arguments to ``update`` are ignored).
 
     Raises:
       ValueError: ``params`` is missing, ``params``/``mask`` does not match the
@@ -411,12 +433,21 @@ def min_max_norm(
       min_value: :math:`a`, the smallest unit norm, ``>= 0``.
       max_value: :math:`b`, the largest unit norm, ``>= min_value``.
       rate: :math:`\rho \in [0, 1]`.
-      axis: axes to reduce over for every leaf, or ``None`` (Flax convention).
+      axis: the axes a unit reduces over: ``None`` (the Flax convention),
+        ``"out_first"`` (PyTorch/Equinox weights ``(out, in, *kernel)``), an
+        int or a tuple of ints, or a tree of those matching the params, or a
+        callable ``params -> tree``. Under :func:`optax.inject_hyperparams`
+        pass it in ``static_args`` (or as a tuple).
       mask: a tree of bools matching the params (or a prefix of it), or a
         callable ``params -> tree``; leaves marked ``False`` pass unchanged.
+      stack_axes: how many leading axes index stacked layers (API.md
+        section 6), each with its own units: ``None`` (none), an int for
+        every leaf, a tree of ints or bools matching the params, or a
+        callable ``params -> tree`` such as ``nox.masks.by_path("layers/")``.
 
     Returns:
-      A stateless :class:`optax.GradientTransformation` that needs ``params``.
+      A stateless :class:`optax.GradientTransformationExtraArgs` that needs
+      ``params`` (extra keyword arguments to ``update`` are ignored).
 
     Raises:
       ValueError: ``min_value`` or ``max_value`` is negative or NaN,
