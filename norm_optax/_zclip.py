@@ -261,8 +261,8 @@ def zclip(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from norm_optax._zclip import zclip
-      >>> tx = zclip(z_threshold=2.0, warmup_steps=2, max_norm=None)
+      >>> import norm_optax as nox
+      >>> tx = nox.zclip(z_threshold=2.0, warmup_steps=2, max_norm=None)
       >>> state = tx.init(None)
       >>> for norm in (1.0, 3.0):  # warm-up: mean 2, std 1
       ...     _, state = tx.update({"w": jnp.array([norm])}, state)

@@ -17,7 +17,6 @@ from flax.core import FrozenDict, freeze
 
 import norm_optax as nox
 from norm_optax import masks
-from norm_optax._layout import path_str
 from tests.cases import CASES, Case, make_tree
 
 
@@ -46,9 +45,17 @@ class _Model(nnx.Module):
         return self.head(jax.nn.relu(self.norm(self.encoder(x))))
 
 
+def _key(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
 def _flat(mask: Any) -> dict[str, bool]:
+    """The mask as ``{"a/b/0/kernel": bool}``, the paths ``by_path`` matches."""
     leaves = jax.tree_util.tree_flatten_with_path(mask)[0]
-    return {path_str(path): leaf for path, leaf in leaves}
+    return {"/".join(_key(k) for k in path): leaf for path, leaf in leaves}
 
 
 # --------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 import pytest
 
-from norm_optax._zclip import ZClipState, zclip
+from norm_optax import ZClipState, zclip
 from norm_optax.norms import global_norm
 from tests import zclip_reference
 
