@@ -55,7 +55,10 @@ def _key(entry: Any) -> str:
 def _flat(mask: Any) -> dict[str, bool]:
     """The mask as ``{"a/b/0/kernel": bool}``, the paths ``by_path`` matches."""
     leaves = jax.tree_util.tree_flatten_with_path(mask)[0]
-    return {"/".join(_key(k) for k in path): leaf for path, leaf in leaves}
+    paths = [[_key(k) for k in path] for path, _ in leaves]
+    # ... without NNX's trailing ``value``.
+    paths = [p[:-1] if p and p[-1] == "value" else p for p in paths]
+    return {"/".join(p): leaf for p, (_, leaf) in zip(paths, leaves, strict=True)}
 
 
 # --------------------------------------------------------------------------
