@@ -32,6 +32,8 @@ from norm_optax._projection import unit_norm as unit_norm
 from norm_optax._prox import prox_elastic_net as prox_elastic_net
 from norm_optax._prox import prox_group_l1 as prox_group_l1
 from norm_optax._prox import prox_l1 as prox_l1
+from norm_optax._spectral import ClipSpectralNormState as ClipSpectralNormState
+from norm_optax._spectral import clip_spectral_norm as clip_spectral_norm
 from norm_optax._stateful import AutoClipState as AutoClipState
 from norm_optax._stateful import RecordNormsState as RecordNormsState
 from norm_optax._stateful import SkipOnSpikeState as SkipOnSpikeState
@@ -49,6 +51,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "AutoClipState",
+    "ClipSpectralNormState",
     "RecordNormsState",
     "ScheduleState",
     "SkipOnSpikeState",
@@ -61,6 +64,7 @@ __all__ = [
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_by_value",
+    "clip_spectral_norm",
     "clip_weights",
     "global_norm",
     "l1_penalty",

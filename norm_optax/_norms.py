@@ -124,7 +124,6 @@ def _unit_phase(x: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
-
 def _reduce(
     parts: Sequence[jax.Array],
     axes: Axes,

@@ -398,8 +398,8 @@ def clip_spectral_norm(
       >>> import jax
       >>> import jax.numpy as jnp
       >>> import optax
-      >>> from norm_optax._spectral import clip_spectral_norm
-      >>> tx = clip_spectral_norm(2.0)
+      >>> import norm_optax as nox
+      >>> tx = nox.clip_spectral_norm(2.0)
       >>> params = {"kernel": jnp.array([[4.0, 0.0], [0.0, 1.0]]), "bias": jnp.ones(2)}
       >>> state = tx.init(params)
       >>> state.sigma["kernel"], state.sigma["bias"]
