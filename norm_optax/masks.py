@@ -12,7 +12,9 @@ structure). The bools are Python bools, so the masks also work with
   the usual "no decay on biases and norm scales";
 * :func:`by_path` / :func:`exclude_path` -- a regular expression searched in
   the ``/``-joined key path, such as ``encoder/layers/0/kernel``;
-* :func:`all_of` -- the logical *and* of several masks.
+* :func:`all_of` -- the logical *and* of several masks;
+* :func:`stack_axes_from_partitions` -- the ``stack_axes`` of a stacked
+  Flax model, read from the partition names Flax records on its variables.
 
 Example:
   >>> import jax.numpy as jnp
@@ -38,7 +40,13 @@ import jax
 from norm_optax import _layout
 from norm_optax._types import Mask, PyTree, StackAxes
 
-__all__ = ["all_of", "by_path", "exclude_path", "matrices_only"]
+__all__ = [
+    "all_of",
+    "by_path",
+    "exclude_path",
+    "matrices_only",
+    "stack_axes_from_partitions",
+]
 
 MaskFn = Callable[[Any], Any]
 
@@ -203,3 +211,176 @@ def all_of(*masks: Mask) -> MaskFn:
         return _per_leaf(params, [all(bool(v[i]) for v in per_mask) for i in range(n)])
 
     return mask
+
+
+# ---------------------------------------------------------------------------
+# Stack axes from Flax partition metadata.
+# ---------------------------------------------------------------------------
+
+_SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
+"""Where an NNX Variable keeps its axis names (flax 0.12; older releases)."""
+
+
+def _is_box(node: Any) -> bool:
+    """A Flax variable box: an NNX ``Variable`` or a Linen ``Partitioned``."""
+    if callable(getattr(node, "get_metadata", None)):
+        return True  # nnx.Variable (nnx.VariableState in older flax)
+    names = getattr(node, "names", None)
+    return isinstance(names, tuple) and callable(getattr(node, "unbox", None))
+
+
+def _recorded_names(node: Any) -> tuple[Any, ...] | None:
+    """The axis names Flax recorded for ``node``, ``None`` where it has none."""
+    if not _is_box(node):
+        return None
+    if not callable(getattr(node, "get_metadata", None)):
+        return tuple(node.names)  # nn.Partitioned, nn.LogicallyPartitioned
+    metadata = node.get_metadata()
+    for key in _SHARDING_KEYS:
+        names = metadata.get(key)
+        if names is not None:
+            spec = getattr(names, "spec", names)  # a NamedSharding
+            return tuple(spec) if isinstance(spec, (tuple, list)) else None
+    return None
+
+
+def _box_shape(node: Any) -> tuple[int, ...]:
+    get_value = getattr(node, "get_value", None)
+    value = get_value() if callable(get_value) else getattr(node, "value", None)
+    return tuple(getattr(value, "shape", ()))
+
+
+def _partition_names(partition_name: str | tuple[str, ...]) -> frozenset[str]:
+    names = (partition_name,) if isinstance(partition_name, str) else partition_name
+    if (
+        not isinstance(names, (tuple, list))
+        or not names
+        or not all(isinstance(n, str) for n in names)
+    ):
+        raise TypeError(
+            f"partition_name must be a string or a non-empty tuple of strings, "
+            f"got {partition_name!r}."
+        )
+    return frozenset(names)
+
+
+def stack_axes_from_partitions(
+    tree: PyTree = None, *, partition_name: str | tuple[str, ...] = "layers"
+) -> Any:
+    """The ``stack_axes`` of a stacked Flax model, read from its partition names.
+
+    A stacked layer built with ``nnx.vmap``/``nnx.scan`` and
+    ``transform_metadata={nnx.PARTITION_NAME: "layers"}``, or with Linen's
+    ``nn.scan(..., metadata_params={nn.PARTITION_NAME: "layers"})``, has its
+    layer axis named ``"layers"`` in each variable's partition names. This
+    reads them, so the number of stack axes (API.md section 6) need not be
+    repeated: each leaf gets the number of its *leading* axes named
+    ``partition_name``.
+
+    **Where Flax records the name.** Only on variables that carry a
+    partition annotation: the ``out_sharding`` metadata of an NNX
+    ``Variable`` (``nnx.with_partitioning``, ``kernel_metadata=``), and the
+    ``names`` of a Linen ``nn.Partitioned`` (or ``nn.LogicallyPartitioned``)
+    box (``nn.with_partitioning``). A stacked variable without an annotation
+    records nothing and counts as not stacked: annotate every stacked
+    variable (a bias and a norm scale too), or give ``stack_axes`` by hand.
+
+    **Which tree to read.** Flax keeps the metadata on its variable boxes,
+    not on the arrays:
+
+    * NNX: ``nnx.Optimizer`` passes bare arrays to ``tx.update``, so read the
+      tree once from the model, ``stack = stack_axes_from_partitions(
+      nnx.state(model, nnx.Param))`` (an ``nnx.State`` of ints with the
+      structure of the params ``tx.update`` sees), and pass ``stack_axes=
+      stack`` to the transforms and to :func:`matrices_only`.
+    * Linen: the boxed variables of ``model.init``. Trained boxed (optax and
+      the gradients keep the boxes), the callable form works at update time:
+      ``stack_axes=stack_axes_from_partitions()``. Trained unboxed
+      (``nn.unbox``), read the tree once from the boxed variables, as for NNX.
+
+    Called on a tree in which no variable records partition names (bare
+    arrays, unannotated variables) it raises rather than answer 0 for
+    every leaf.
+
+    Args:
+      tree: an ``nnx.State`` of Variables (``nnx.state(model, nnx.Param)``),
+        a Linen variables tree with ``nn.Partitioned`` boxes, or ``None`` for
+        the callable form.
+      partition_name: the name given to ``nnx.PARTITION_NAME`` /
+        ``nn.PARTITION_NAME``, or a tuple of names (stages and layers of a
+        pipeline, say): every leading axis named by one of them counts.
+
+    Returns:
+      A tree of Python ints, one per variable, with the structure of ``tree``
+      where each box is replaced by its int (so it matches the unboxed
+      params, and is a prefix of the boxed ones); 0 for variables without
+      partition names. Without ``tree``, a callable ``tree -> that tree``.
+
+    Raises:
+      ValueError: no variable of ``tree`` records partition names, or a
+        variable has ``partition_name`` at an axis after one that is not a
+        stack axis (the message names its path, shape and names).
+      TypeError: ``partition_name`` is not a string or a tuple of strings.
+
+    Example:
+      >>> import flax.linen as nn
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> import norm_optax as nox
+      >>> params = {  # boxes as nn.scan(metadata_params=...) leaves them
+      ...     "kernel": nn.Partitioned(jnp.ones((3, 4, 4)), ("layers", None, "mlp")),
+      ...     "bias": nn.Partitioned(jnp.zeros((3, 4)), ("layers", "mlp")),
+      ...     "head": jnp.ones((4, 2)),  # not scanned, not annotated
+      ... }
+      >>> stack = nox.masks.stack_axes_from_partitions(params)
+      >>> stack
+      {'bias': 1, 'head': 0, 'kernel': 1}
+      >>> nox.masks.matrices_only(nn.unbox(params), stack_axes=stack)
+      {'bias': False, 'head': True, 'kernel': True}
+      >>> tx = optax.chain(
+      ...     optax.adamw(1e-3, mask=nox.masks.matrices_only(stack_axes=stack)),
+      ...     nox.max_norm(1.0, stack_axes=stack),
+      ... )
+    """
+    names = _partition_names(partition_name)
+    if tree is None:
+        return functools.partial(
+            stack_axes_from_partitions, partition_name=partition_name
+        )
+    recorded = []
+
+    def count(path: Any, node: Any) -> int:
+        spec = _recorded_names(node)
+        if spec is None:
+            return 0
+        recorded.append(path)
+        lead = 0
+        while lead < len(spec) and isinstance(spec[lead], str) and spec[lead] in names:
+            lead += 1
+        late = [
+            i
+            for i, e in enumerate(spec[lead:], lead)
+            if isinstance(e, str) and e in names
+        ]
+        if late:
+            raise ValueError(
+                f"The partition name {spec[late[0]]!r} is at axis {late[0]} of the "
+                f"leaf at {_layout.path_str(path) or '<root>'} (shape "
+                f"{_box_shape(node)}, partition names {spec}), after an axis that "
+                f"is not a stack axis: stack axes come first (nnx.vmap/nnx.scan "
+                f"with out_axes=0, nn.scan with variable_axes={{'params': 0}})."
+            )
+        return lead
+
+    out = jax.tree_util.tree_map_with_path(count, tree, is_leaf=_is_box)
+    if not recorded:
+        raise ValueError(
+            "No variable of this tree records partition names, so the stack "
+            "axes cannot be read from it. Flax records the layer axis "
+            f"({sorted(names)}) only on annotated variables (nnx.with_partitioning"
+            " or kernel_metadata for NNX, nn.with_partitioning for Linen), and "
+            "keeps it on the variable boxes, not on the arrays: nnx.Optimizer "
+            "passes bare arrays to tx.update, so read it once from "
+            "nnx.state(model, nnx.Param) and pass the tree as stack_axes."
+        )
+    return out
