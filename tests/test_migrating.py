@@ -20,8 +20,6 @@ import jax
 import numpy as np
 import pytest
 
-import norm_optax
-
 GUIDE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "guides" / "migrating.md"
 BLOCK = re.compile(
     r"```\{code-block\} python\n:name: mig-([a-z0-9-]+)\n\n(.*?)```", re.S
@@ -146,6 +144,4 @@ def test_both_sides_agree(pair: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if section == "keras":
         monkeypatch.setitem(os.environ, "KERAS_BACKEND", "jax")
     pytest.importorskip(PEERS[section])
-    if pair == "torch-spectral-norm" and not hasattr(norm_optax, "clip_spectral_norm"):
-        pytest.skip("norm_optax.clip_spectral_norm has not landed in this checkout")
     COMPARE[pair](run(pair, "peer"), run(pair, "nox"))
