@@ -12,6 +12,13 @@ and writes JSON; the tests here assert on it. Covered:
   the compiled HLO of a global norm holds one all-reduce and no all-gather
   (Explicit axes);
 * ``axis_name`` inside ``jax.shard_map`` and ``jax.pmap``, gradients included;
+* stacked layers (API.md section 6): GPT blocks stacked ``(8, ...)`` on the
+  FSDP mesh with the layer axis replicated and the model axes sharded, with
+  the layer axis sharded (pipeline), and on the 2-D mesh (layers over
+  ``data``, Megatron-style ``model``): per-layer ``leaf_norms`` and every
+  stack-aware transform give the unsharded numbers and keep each leaf's
+  sharding, and the compiled HLO holds no all-gather (pipeline: no
+  collective at all, every layer's units live on one device);
 * two processes joined by ``jax.distributed`` over gloo (4 devices each).
 """
 
@@ -201,6 +208,53 @@ def test_auto_axes_all_reduce_counts(results: dict[str, Any]) -> None:
         assert fsdp["all_reduce"] == 1
         assert mesh2d["all_reduce"] > 1
         assert fsdp["all_gather"] == mesh2d["all_gather"] == 0
+
+
+STACKED_LAYOUTS = tuple(single_host.STACKED_LAYOUTS)
+STACKED_WITH_TRANSFORMS = tuple(
+    layout
+    for layout, (_, _, with_transforms) in single_host.STACKED_LAYOUTS.items()
+    if with_transforms
+)
+
+
+@pytest.mark.parametrize("layout", STACKED_LAYOUTS)
+def test_stacked_per_layer_norms_match_and_gather_nothing(
+    results: dict[str, Any], layout: str
+) -> None:
+    case = _case(results, "stacked", layout, "leaf_norms")
+    assert case["rel_err"] <= 1.0
+    for name, shape in case["shapes"].items():
+        stacked = name.startswith("blocks/")
+        assert shape == ([single_host.LAYERS_STACKED] if stacked else []), name
+    assert case["all_gather"] == 0
+    assert case["all_to_all"] == case["collective_permute"] == 0
+    # The per-layer partial sums of every leaf share one all-reduce; with the
+    # layer axis sharded each layer's norm is computed where the layer lives.
+    assert case["all_reduce"] == (0 if layout == "pipeline" else 1)
+
+
+@pytest.mark.parametrize("name", sorted(single_host.STACKED_TRANSFORMS))
+@pytest.mark.parametrize("layout", STACKED_WITH_TRANSFORMS)
+def test_stacked_transform_matches_unsharded_and_keeps_sharding(
+    results: dict[str, Any], layout: str, name: str
+) -> None:
+    assert name in results["stacked_transforms"], f"{name}: not in norm_optax"
+    case = _case(results, "stacked", layout, "transforms", name)
+    assert case["rel_err"] <= 1.0  # allclose(rtol=1e-6, atol=1e-6)
+    assert case["sharding"] == []
+    assert case["traced_sharding"] == []
+
+
+@pytest.mark.parametrize("layout", STACKED_WITH_TRANSFORMS)
+def test_stacked_transforms_gather_nothing(
+    results: dict[str, Any], layout: str
+) -> None:
+    case = _case(results, "stacked", layout, "transforms", "together")
+    assert case["all_gather"] == 0
+    assert case["all_to_all"] == case["collective_permute"] == 0
+    if layout == "pipeline":  # every unit of a layer on one device
+        assert case["all_reduce"] == 0
 
 
 AXIS_NAME_CASES = [

@@ -461,6 +461,153 @@ def gspmd_results(axis_type: jax.sharding.AxisType) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
+# Stacked layers (API.md section 6): GPT blocks stacked (LAYERS_STACKED, ...),
+# as nnx.scan / nn.scan / lax.scan leave them. Three layouts: on the FSDP
+# mesh with the layer axis replicated and the model axes sharded ("fsdp"),
+# with the layer axis sharded over the devices ("pipeline"), and on the 2-D
+# mesh with the layers over ``data`` and the model axes Megatron-style over
+# ``model`` ("pipeline_2d": per-layer norms only, to keep the run short).
+# ---------------------------------------------------------------------------
+
+LAYERS_STACKED = 8
+STACKED_SHAPES: dict[str, tuple[int, ...]] = {
+    "wte": (VOCAB, D),
+    "blocks/ln1/scale": (LAYERS_STACKED, D),
+    "blocks/attn/qkv/kernel": (LAYERS_STACKED, D, 3 * D),
+    "blocks/attn/qkv/bias": (LAYERS_STACKED, 3 * D),
+    "blocks/attn/out/kernel": (LAYERS_STACKED, D, D),
+    "blocks/attn/out/bias": (LAYERS_STACKED, D),
+    "blocks/mlp/fc/kernel": (LAYERS_STACKED, D, HIDDEN),
+    "blocks/mlp/fc/bias": (LAYERS_STACKED, HIDDEN),
+    "blocks/mlp/proj/kernel": (LAYERS_STACKED, HIDDEN, D),
+    "blocks/mlp/proj/bias": (LAYERS_STACKED, D),
+    "ln_f/scale": (D,),
+}
+STACK = nox.masks.by_path("^blocks/")  # one stack axis under blocks/, else 0
+
+
+def stacked_fsdp_spec(name: str, shape: tuple[int, ...]) -> P:
+    """Layer axis replicated; the first other axis that 8 divides sharded."""
+    first = 1 if name.startswith("blocks/") else 0
+    for axis in range(first, len(shape)):
+        if shape[axis] % 8 == 0:
+            return P(*([None] * axis), "fsdp", *([None] * (len(shape) - axis - 1)))
+    return P(*([None] * len(shape)))
+
+
+def stacked_pipeline_spec(name: str, shape: tuple[int, ...]) -> P:
+    """The layer axis sharded over the 8 devices; the rest replicated."""
+    if name.startswith("blocks/"):
+        return P("fsdp", *([None] * (len(shape) - 1)))
+    return P(*([None] * len(shape)))
+
+
+def stacked_2d_spec(name: str, shape: tuple[int, ...]) -> P:
+    """Layers over ``data`` (4), model axes over ``model`` (2)."""
+    if not name.startswith("blocks/"):
+        return P(None, "model") if name == "wte" else P(None)
+    if name.endswith(("qkv/kernel", "fc/kernel")):
+        return P("data", None, "model")  # column-parallel
+    if name.endswith(("out/kernel", "proj/kernel")):
+        return P("data", "model", None)  # row-parallel
+    if name.endswith(("qkv/bias", "fc/bias")):
+        return P("data", "model")
+    return P("data", None)  # the other biases and the norm scales
+
+
+# layout -> (mesh, spec, whether the transforms run on it too)
+STACKED_LAYOUTS: dict[str, tuple[str, Callable[[str, tuple[int, ...]], P], bool]] = {
+    "fsdp": ("fsdp", stacked_fsdp_spec, True),
+    "pipeline": ("fsdp", stacked_pipeline_spec, True),
+    "pipeline_2d": ("2d", stacked_2d_spec, False),
+}
+
+STACKED_TRANSFORMS: dict[str, Callable[[], optax.GradientTransformation]] = {
+    "clip_by_norm": lambda: nox.clip_by_norm(1.0, stack_axes=STACK),
+    "adaptive_clip": lambda: nox.adaptive_clip(0.05, stack_axes=STACK),
+    "max_norm": lambda: nox.max_norm(0.5, stack_axes=STACK),
+    "max_norm[out_first]": lambda: nox.max_norm(
+        0.5, axis="out_first", stack_axes=STACK
+    ),
+    "unit_norm": lambda: nox.unit_norm(stack_axes=STACK),
+    "min_max_norm": lambda: nox.min_max_norm(0.8, 1.2, stack_axes=STACK),
+    "prox_group_l1": lambda: nox.prox_group_l1(0.1, 0.5, stack_axes=STACK),
+    "clip_spectral_norm": lambda: nox.clip_spectral_norm(1.0, stack_axes=STACK),
+}
+
+
+def stacked_available() -> dict[str, Callable[[], optax.GradientTransformation]]:
+    return {
+        name: make
+        for name, make in STACKED_TRANSFORMS.items()
+        if name.split("[")[0] in nox.__all__
+    }
+
+
+def stacked_trees() -> tuple[Tree, Tree]:
+    rng = np.random.default_rng(2)
+    shapes = STACKED_SHAPES.items()
+    grads = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes}
+    params = {k: jnp.asarray(0.2 * rng.normal(size=s), jnp.float32) for k, s in shapes}
+    return grads, params
+
+
+def stacked_results() -> dict[str, Any]:
+    """Per-layer norms and stack-aware transforms on sharded stacked trees."""
+    grads, params = stacked_trees()
+    names = sorted(stacked_available())
+    steps = {name: update_fn(stacked_available()[name]()) for name in names}
+
+    def per_layer_norms(g: Tree) -> Tree:
+        return nox.leaf_norms(g, stack_axes=STACK)
+
+    def together(g: Tree, p: Tree) -> dict[str, Tree]:
+        return {name: step(g, p) for name, step in steps.items()}
+
+    want_norms = jax.jit(per_layer_norms)(grads)
+    want = jax.jit(together)(grads, params)
+    results: dict[str, Any] = {}
+    for layout, (kind, spec, with_transforms) in STACKED_LAYOUTS.items():
+        mesh = make_mesh(kind, jax.sharding.AxisType.Explicit)
+        shard = {k: NamedSharding(mesh, spec(k, s)) for k, s in STACKED_SHAPES.items()}
+        sgrads = jax.device_put(grads, shard)
+        sparams = jax.device_put(params, shard)
+
+        def norms_case(sgrads: Tree = sgrads) -> dict[str, Any]:
+            exe: Any = jax.jit(per_layer_norms).lower(sgrads).compile()
+            got = exe(sgrads)
+            return {
+                "rel_err": max_rel_err(got, want_norms),
+                "shapes": {k: list(v.shape) for k, v in got.items()},
+                **collectives(exe.as_text()),
+            }
+
+        def transforms_case(
+            sgrads: Tree = sgrads, sparams: Tree = sparams
+        ) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for name, step in steps.items():
+                out[name] = {
+                    "traced_sharding": traced_sharding_mismatches(step, sgrads, sparams)
+                }
+            exe: Any = jax.jit(together).lower(sgrads, sparams).compile()
+            got = exe(sgrads, sparams)
+            for name in steps:
+                out[name]["rel_err"] = max_rel_err(got[name], want[name])
+                out[name]["sharding"] = sharding_mismatches(
+                    got[name], sgrads, explicit=True
+                )
+            out["together"] = collectives(exe.as_text())
+            return out
+
+        with jax.set_mesh(mesh):
+            results[layout] = {"leaf_norms": timed(norms_case)}
+            if with_transforms:
+                results[layout]["transforms"] = timed(transforms_case)
+    return results
+
+
+# ---------------------------------------------------------------------------
 # axis_name inside shard_map and pmap: a gradient split over 4 devices.
 # ---------------------------------------------------------------------------
 
@@ -578,12 +725,14 @@ def main(path: str) -> None:
     results: dict[str, Any] = {
         "devices": len(jax.devices()),
         "transforms": sorted(available()),
+        "stacked_transforms": sorted(stacked_available()),
     }
     seconds = {}
     for key, fn in [
         ("explicit", lambda: gspmd_results(jax.sharding.AxisType.Explicit)),
         ("auto", lambda: gspmd_results(jax.sharding.AxisType.Auto)),
         ("axis_name", axis_name_results),
+        ("stacked", stacked_results),
     ]:
         start = time.perf_counter()
         results[key] = run_case(fn)
