@@ -1,6 +1,6 @@
 """Writes the notebooks in this folder from the cell sources below.
 
-    python notebooks/build.py            # write the three notebooks, no outputs
+    python notebooks/build.py            # write the four notebooks, no outputs
     python notebooks/build.py --execute  # ...and run them (full size), save outputs
     python notebooks/build.py --execute 02_exploding_gradients.ipynb  # just one
 
@@ -289,8 +289,10 @@ import os
 
 import jax
 import matplotlib.pyplot as plt
+import numpy as np
 from IPython.display import Markdown, display
 
+import norm_optax as nox
 from norm_optax.demo import exploding
 
 """
@@ -322,19 +324,40 @@ display(Markdown(exploding.format_table(results)))""",
 ## Fixed threshold, AutoClip and ZClip
 
 `clip_by_global_norm(1.0)` uses a fixed threshold. `autoclip` clips to a
-percentile of the norms seen so far; `zclip` clips a norm whose z-score
-against an EMA of past norms exceeds a threshold. The adaptive ones need no
-threshold to tune, but they only cut norms that are large *relative to the
-history*: when the norm grows steadily, their threshold grows with it. The
-table counts the steps each one clipped; the plot shows the norm before
-(faint) and after (bold) clipping and the factor applied at every step.""",
+percentile of the norms seen so far. `nox.zclip()` is ZClip as its authors'
+code runs it, with their defaults:
+
+* **warm-up**: for the first `warmup_steps=25` steps it clips at the fixed
+  `max_norm=1.0` and collects the mean and variance of the raw norms;
+* **after warm-up** it keeps an EMA (`alpha=0.97`) of the norm and of its
+  variance; a norm whose z-score exceeds `z_threshold=2.5` is a spike and
+  is cut to `mean + z_threshold**2 * std / z` (`clip_option=
+  "adaptive_scaling"`: the larger the spike, the harder the cut);
+* **`max_norm=1.0` stays a hard ceiling** on every step, spike or not.
+
+So `nox.zclip()` is never looser than `clip_by_global_norm(1.0)`; the
+z-score rule cuts some spikes further. To see that rule on its own, the
+last run here is `nox.zclip(max_norm=None)`, without the ceiling: its
+threshold comes from the history of norms alone, so it grows when the norm
+grows steadily.
+
+The table counts the steps each one clipped; the line under it, the steps
+where the z-score rule cut below the ceiling. The plot shows the norm
+before (faint) and after (bold) clipping and the factor applied at every
+step.""",
     ),
     (
         "code",
         """\
 compared = ["none", "clip_by_global_norm", "autoclip", "zclip"]
+no_ceiling = {"zclip, max_norm=None": nox.zclip(max_norm=None)}
 subset = [r for r in results if r.name in compared]
+subset += exploding.run_all(config, seed=0, names=[], extra=no_ceiling)
 display(Markdown(exploding.clip_table(subset)))
+for r, ceiling in ((subset[3], 1.0), (subset[4], np.inf)):
+    seen = np.isfinite(r.grad_norm)
+    cut = r.clipped_norm[seen] < 0.999 * np.minimum(r.grad_norm[seen], ceiling)
+    print(f"{r.name}: the z-score rule cut {cut.sum()} of {seen.sum()} steps")
 display(exploding.plot_clip_factors(subset[1:]))""",
     ),
     (
@@ -349,9 +372,10 @@ new batches for each seed; the final loss is NaN for a run that blew up):""",
         "code",
         """\
 seeds = [0] if SMALL else [0, 1, 2, 3]
-lines = ["| seed | " + " | ".join(compared) + " |", "|---" * (len(compared) + 1) + "|"]
+names = compared + list(no_ceiling)
+lines = ["| seed | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
 for seed in seeds:
-    runs = exploding.run_all(config, seed, names=compared)
+    runs = exploding.run_all(config, seed, names=compared, extra=no_ceiling)
     losses = " | ".join(f"{r.final_loss:.4g}" for r in runs)
     lines.append(f"| {seed} | {losses} |")
 display(Markdown("**Final loss per seed**\\n\\n" + "\\n".join(lines)))""",
@@ -369,9 +393,15 @@ display(Markdown("**Final loss per seed**\\n\\n" + "\\n".join(lines)))""",
   keep the run finite, but they change the update's direction.
 * **`normalize_by_global_norm`** makes every step the same length: no
   blow-up, but also no small steps near a minimum.
-* **`autoclip`** and **`zclip`** pick the threshold from the history of
-  norms. Compare, in the per-seed table, how often each one rescues a run
-  that blows up without clipping.
+* **`autoclip`** picks its threshold from the history of norms.
+* **`zclip`** with its authors' defaults trains through the cliffs like
+  `clip_by_global_norm(1.0)`: its ceiling `max_norm=1.0` is that same fixed
+  threshold, and on top of it the z-score rule cuts the few spikes that
+  stand out from the recent norms. **Without the ceiling**
+  (`max_norm=None`) the z-score rule does all the work and cuts far more
+  steps, yet its threshold follows the norm as it grows: the run stays
+  finite but can end far above the 1/6 of predicting the mean. Compare, in
+  the per-seed table, how far each run gets on each seed.
 
 To log the pre-clip norm in your own loop, wrap the clip in
 `nox.record_norms` and read `optax.tree.get(opt_state, "input_norm")`.""",
@@ -400,11 +430,17 @@ constraint at a time. The training code is imported from
   optax.scale(-lr))`
 * **prox_l1**, last in the chain (exact zeros):
   `optax.chain(optax.adam(lr), nox.prox_l1(coeff, lr, mask=m))`
+* **prox_group_l1**, group lasso, last (whole units exactly zero):
+  `optax.chain(optax.adam(lr), nox.prox_group_l1(coeff, lr, mask=convs))`
 * **max_norm**: `optax.chain(optax.adam(lr), nox.max_norm(c, mask=m))`
 * **unit_norm**: `optax.chain(optax.adam(lr), nox.unit_norm(mask=m))`
 * **clip_weights**: `optax.chain(optax.adam(lr), nox.clip_weights(v))`
+* **clip_spectral_norm**, last (each kernel's largest singular value
+  `<= bound`): `optax.chain(optax.adam(lr), nox.clip_spectral_norm(bound))`
 
-The mask `m = nox.masks.matrices_only` leaves the biases alone.""",
+The mask `m = nox.masks.matrices_only` leaves the biases alone; the group
+lasso prunes the conv channels only (`convs =
+nox.masks.by_path(r"^conv\\d+/kernel")`), not the classes of the head.""",
     ),
     ("code", INSTALL),
     (
@@ -426,23 +462,30 @@ from norm_optax.demo import constraints
         + SMALL
         + """
 config = constraints.CNNConfig()
-if SMALL:
-    config = dataclasses.replace(config, steps=40, eval_every=20)
+if SMALL:  # a stronger group penalty, so that units reach zero in 40 steps
+    config = dataclasses.replace(config, steps=40, eval_every=20, group_l1=8.0)
 config""",
     ),
     (
         "markdown",
-        "The mask: which parameters the decay and the norm constraints touch.",
+        "The masks: which parameters the decay, the per-unit constraints and "
+        "the group lasso touch.",
     ),
     (
         "code",
         """\
 model = constraints.CNN(nnx.Rngs(0))
 params = nnx.state(model, nnx.Param)
-mask = nox.masks.matrices_only(params)
-for path, keep in jax.tree_util.tree_flatten_with_path(mask)[0]:
+masks = {
+    "matrices_only": nox.masks.matrices_only(params),
+    "convs": nox.masks.by_path(constraints.CONV_KERNELS)(params),
+}
+print(f"{'':14s} {'shape':14s} matrices_only convs")
+flat = {name: jax.tree_util.tree_flatten_with_path(m)[0] for name, m in masks.items()}
+shapes = jax.tree.leaves(jax.tree.map(lambda x: str(x.shape), params))
+for (path, m), (_, c), shape in zip(*flat.values(), shapes, strict=True):
     name = jax.tree_util.keystr(path, simple=True, separator="/")
-    print(f"{name.removesuffix('/value'):14s} {keep}")""",
+    print(f"{name.removesuffix('/value'):14s} {shape:14s} {m!s:13s} {c}")""",
     ),
     (
         "code",
@@ -459,42 +502,448 @@ for line in constraints.checks(results, config):
 ## Where the zeros are
 
 `prox_l1` soft-thresholds every weight after each step, so weights that the
-loss does not need become exactly `0.0`. Black pixels below are exact zeros
-of the dense head (128 inputs x 10 classes) and of the second conv layer
-(one row per output channel).""",
+loss does not need become exactly `0.0`, scattered over the kernel.
+`prox_group_l1` shrinks each *unit* (all the weights of one output channel)
+by its L2 norm, so a channel the loss does not need becomes zero as a
+whole: structured sparsity, a channel that can be pruned from the layer.
+Black pixels below are exact zeros: the dense head (128 inputs x 10
+classes) and the second conv layer (one row per output channel).""",
     ),
     (
         "code",
         """\
 by_name = {r.name: r for r in results}
-kernels = by_name["prox_l1"].kernels
-head, conv2 = kernels["head/kernel"], kernels["conv2/kernel"]
-fig, (ax_head, ax_conv) = plt.subplots(1, 2, figsize=(10, 3), layout="constrained")
-ax_head.imshow(head.T != 0, cmap="gray", aspect="auto", interpolation="nearest")
-ax_head.set(title=f"head: {np.mean(head == 0):.0%} zeros", xlabel="input")
-conv2_units = conv2.reshape(-1, conv2.shape[-1]).T  # one row per output channel
-ax_conv.imshow(conv2_units != 0, cmap="gray", aspect="auto", interpolation="nearest")
-ax_conv.set(title=f"conv2: {np.mean(conv2 == 0):.0%} zeros", xlabel="3x3x16 inputs")
-plt.show()""",
+l1, group = by_name["prox_l1"].kernels, by_name["prox_group_l1"].kernels
+panels = [
+    ("prox_l1: head", l1["head/kernel"]),
+    ("prox_l1: conv2", l1["conv2/kernel"]),
+    ("prox_group_l1: conv2", group["conv2/kernel"]),
+]
+fig, axes = plt.subplots(1, 3, figsize=(12, 3), layout="constrained")
+for ax, (title, kernel) in zip(axes, panels, strict=True):
+    units = kernel.reshape(-1, kernel.shape[-1]).T  # one row per output unit
+    dead = int(np.sum(np.all(units == 0, axis=1)))
+    ax.imshow(units != 0, cmap="gray", aspect="auto", interpolation="nearest")
+    ax.set(
+        title=f"{title}: {np.mean(kernel == 0):.0%} zeros, {dead} zero units",
+        xlabel="inputs of a unit",
+        ylabel="unit",
+    )
+plt.show()
+for name, (zeros, total) in by_name["prox_group_l1"].zero_units.items():
+    print(f"prox_group_l1 {name:13s} {zeros:3d} of {total} units exactly zero")""",
+    ),
+    (
+        "markdown",
+        """\
+## The spectral norm of each layer
+
+`clip_spectral_norm(bound)` rescales each kernel, seen as a `(fan-in,
+units)` matrix, so that its largest singular value stays at or below the
+bound: a Lipschitz constraint on each layer's linear map (for a conv layer,
+on the reshaped kernel, as spectral normalisation does it). It estimates
+the singular value by one step of power iteration per update, warm-started
+from its state, so the check below recomputes it exactly, with
+`numpy.linalg.svd`, on the trained weights.""",
+    ),
+    (
+        "code",
+        """\
+lines = [
+    "| layer | " + " | ".join(by_name) + " |",
+    "|---" + "|---:" * len(by_name) + "|",
+]
+for layer in by_name["plain"].sigmas:
+    sigmas = " | ".join(f"{r.sigmas[layer]:.4g}" for r in by_name.values())
+    lines.append(f"| {layer} | {sigmas} |")
+title = f"**Largest singular value per layer (bound {config.spectral_norm:g})**"
+display(Markdown(title + "\\n\\n" + "\\n".join(lines)))""",
     ),
     (
         "markdown",
         """\
 ## What to look for
 
-* **`prox_l1`** is the only run with exactly-zero weights: the proximal step
-  sets them to `0.0`; adding an L1 penalty to the loss would only make them
-  small.
+* **`prox_l1`** gives exactly-zero weights: the proximal step sets them to
+  `0.0`; adding an L1 penalty to the loss would only make them small.
+* **`prox_group_l1`** gives exactly-zero *units*: whole conv channels,
+  many more than the scattered zeros of `prox_l1` add up to, even where
+  `prox_l1` zeroes more weights in all.
 * **`max_norm`** caps every unit's norm at its bound (units below it are
   untouched); **`unit_norm`** puts every unit on the unit sphere.
+* **`clip_spectral_norm`** caps each layer's largest singular value, a
+  bound on how much the layer can stretch its input, and leaves the
+  individual unit norms free below it.
 * **Coupled vs decoupled decay**: coupled L2 goes through Adam's
   normalisation, so the same coefficient acts very differently from the
   decoupled (AdamW-style) one placed after `scale_by_adam`.
 * **`clip_weights`** bounds each weight, which restricts the model more
   bluntly than the norm constraints.
 
-Every number in the table comes from the trained weights:
-`nox.unit_norms` per kernel, `nox.global_norm` over all parameters.""",
+Every number in the tables comes from the trained weights: exact zeros
+counted with `== 0`, `nox.unit_norms` per kernel, `numpy.linalg.svd` for
+the singular values, `nox.global_norm` over all parameters.""",
+    ),
+]
+
+LARGE_MODELS = [
+    (
+        "markdown",
+        f"""\
+# Stacked layers: norms and constraints that follow the layers
+
+{badge("04_large_models.ipynb")}
+
+Large models stack their layers: `nnx.vmap` / `nnx.scan` (Linen `nn.scan`,
+or `jax.lax.scan` over a leading axis) turn `L` copies of a block into one
+block whose kernel is `(L, in, out)` and whose bias and LayerNorm scale are
+`(L, out)`. A transform that does not know about the leading axis takes it
+for part of the weight, silently. This notebook shows, with numbers, what
+goes wrong then, and the fix: `stack_axes=`, on the norms, the per-unit
+transforms and `nox.masks.matrices_only`. It runs on CPU, GPU or TPU: it
+uses whatever `jax.devices()` returns.""",
+    ),
+    ("code", INSTALL),
+    (
+        "code",
+        """\
+import os
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+import optax
+from flax import nnx
+from IPython.display import Markdown, display
+
+import norm_optax as nox
+
+"""
+        + SMALL,
+    ),
+    (
+        "markdown",
+        """\
+## A stacked block
+
+A pre-LayerNorm residual MLP block (`dim -> hidden -> dim`), `LAYERS`
+copies of it created at once by `nnx.vmap` over split `Rngs`, applied one
+after the other by `nnx.scan`. Every parameter gets a leading layer axis.""",
+    ),
+    (
+        "code",
+        """\
+DIM, HIDDEN, LAYERS = 16, 32, 4
+
+
+class Block(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.norm = nnx.LayerNorm(DIM, rngs=rngs)
+        self.up = nnx.Linear(DIM, HIDDEN, rngs=rngs)
+        self.down = nnx.Linear(HIDDEN, DIM, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.down(nnx.gelu(self.up(self.norm(x))))
+
+
+class Stack(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=LAYERS)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs):
+            return Block(rngs)
+
+        self.layers = make_blocks(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def apply_block(x, block):
+            return block(x)
+
+        return apply_block(x, self.layers)
+
+
+def named(tree):
+    \"\"\"``{"layers/up/kernel": leaf, ...}`` for a params tree.\"\"\"
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        out[name.removesuffix("/value")] = leaf
+    return out
+
+
+model = Stack(nnx.Rngs(0))
+params = nnx.state(model, nnx.Param)
+for name, leaf in named(params).items():
+    print(f"{name:20s} {leaf.shape}")""",
+    ),
+    (
+        "markdown",
+        """\
+## The pitfall: the layer axis taken for part of the weight
+
+**1. `matrices_only` marks stacked biases and scales as matrices.** It
+counts `ndim >= 2`, and a stacked bias `(L, out)` has two axes. With the
+usual "no weight decay on biases and norm scales" mask, `adamw` decays them
+anyway. Below: one `adamw` step with zero gradients, so the only thing that
+moves a parameter is the decay (the biases start at zero, so only the
+LayerNorm scales show it).""",
+    ),
+    (
+        "code",
+        """\
+plain_mask = nox.masks.matrices_only(params)
+stacked_mask = nox.masks.matrices_only(params, stack_axes=1)
+print(f"{'':20s} {'matrices_only':>14s} {'stack_axes=1':>13s}")
+for name, a in named(plain_mask).items():
+    print(f"{name:20s} {a!s:>14s} {named(stacked_mask)[name]!s:>13s}")
+
+zero_grads = jax.tree.map(jnp.zeros_like, params)
+for label, mask in (
+    ("matrices_only", nox.masks.matrices_only),
+    ("matrices_only(stack_axes=1)", nox.masks.matrices_only(stack_axes=1)),
+):
+    tx = optax.adamw(1e-3, weight_decay=0.1, mask=mask)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    change = named(updates)["layers/norm/scale"]
+    print(
+        f"adamw(mask={label}): LayerNorm scales move by "
+        f"{float(jnp.max(jnp.abs(change))):.1e} per step"
+    )""",
+    ),
+    (
+        "markdown",
+        """\
+**2. `unit_norms` of an `(L, in, out)` kernel mixes the layers.** The Flax
+convention reduces over every axis but the last, the layer axis included:
+one norm per output unit *across all layers*, shape `(1, 1, out)` instead
+of one per unit and layer, `(L, 1, out)`.""",
+    ),
+    (
+        "code",
+        """\
+kernel = params["layers"]["up"]["kernel"][...]
+mixed = nox.unit_norms(kernel)
+per_layer = nox.unit_norms(kernel, stack_axes=1)
+print("kernel", kernel.shape, "-> unit_norms", mixed.shape)
+print("kernel", kernel.shape, "-> unit_norms(stack_axes=1)", per_layer.shape)
+print("unit 0, layer by layer:", np.round(np.asarray(per_layer[:, 0, 0]), 4))
+print(f"unit 0, mixed over the layers: {float(mixed[0, 0, 0]):.4f}")
+root = float(jnp.sqrt(jnp.sum(per_layer[:, 0, 0] ** 2)))
+print(f"(the root of the sum of squares of the {LAYERS} above: {root:.4f})")""",
+    ),
+    (
+        "markdown",
+        """\
+**3. So `max_norm` constrains the wrong units.** Without `stack_axes`, a
+unit is the same output feature in all `L` layers together: where their
+joint norm exceeds the bound, all of them shrink, also in a layer whose own
+unit was well inside it. Below, the layers of the kernel are given
+different sizes, then projected with `max_norm(1.0)`, without and with
+`stack_axes=1`: the largest unit norm and the number of units changed, per
+layer.""",
+    ),
+    (
+        "code",
+        """\
+sizes = jnp.linspace(0.4, 2.0, LAYERS)[:, None, None]
+tree = {"kernel": kernel * sizes}
+no_step = {"kernel": jnp.zeros_like(tree["kernel"])}
+before = nox.unit_norms(tree["kernel"], stack_axes=1)
+lines = [
+    "| layer | max unit norm | `max_norm(1.0)`: max, units changed | "
+    "`max_norm(1.0, stack_axes=1)`: max, units changed |",
+    "|---:|---:|---:|---:|",
+]
+after = {}
+for label, tx in (
+    ("plain", nox.max_norm(1.0)),
+    ("stacked", nox.max_norm(1.0, stack_axes=1)),
+):
+    updates, _ = tx.update(no_step, tx.init(tree), tree)
+    new = optax.apply_updates(tree, updates)["kernel"]
+    norms = nox.unit_norms(new, stack_axes=1)
+    changed = jnp.sum(jnp.abs(norms - before) > 1e-6, axis=(1, 2))
+    after[label] = (jnp.max(norms, axis=(1, 2)), changed)
+for layer in range(LAYERS):
+    cells = [f"{float(jnp.max(before[layer])):.3f}"]
+    for top, changed in after.values():
+        cells.append(f"{float(top[layer]):.3f}, {int(changed[layer])} of {HIDDEN}")
+    lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+display(Markdown("\\n".join(lines)))""",
+    ),
+    (
+        "markdown",
+        """\
+## The fix: `stack_axes`
+
+`stack_axes=s` says that the first `s` axes of a leaf index independent
+layers; every per-leaf or per-unit quantity is then computed per layer:
+`unit_norms` gives `(L, 1, out)`, `leaf_norms` one norm per layer `(L,)`,
+`matrices_only` counts `ndim - s`, and `max_norm`, `unit_norm`,
+`min_max_norm`, `clip_by_norm`, `adaptive_clip`, `prox_group_l1` and
+`clip_spectral_norm` constrain each layer's units on their own.
+
+`stack_axes=1` fits a tree in which *every* leaf is stacked. A real model
+mixes stacked and unstacked leaves (embeddings, a head), and `stack_axes=1`
+on an unstacked `(in, out)` head would take its rows for layers. There,
+give a tree of ints or bools (`True` = 1) matching the params, or a
+callable that builds one, such as `nox.masks.by_path("^trunk/")`; a
+stacked model built with partition names (`nnx.PARTITION_NAME`) can have
+it read by `nox.masks.stack_axes_from_partitions`. The same model with an
+unstacked head:""",
+    ),
+    (
+        "code",
+        """\
+class Model(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.trunk = Stack(rngs)
+        self.head = nnx.Linear(DIM, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.trunk(x))
+
+
+mixed_params = nnx.state(Model(nnx.Rngs(0)), nnx.Param)
+stack = nox.masks.by_path("^trunk/")  # True (one stack axis) under trunk/
+stacks = named(stack(mixed_params))
+decay = named(nox.masks.matrices_only(mixed_params, stack_axes=stack))
+layer_norms = named(nox.leaf_norms(mixed_params, stack_axes=stack))
+print(f"{'':26s} {'shape':12s} stacked decay  leaf_norms  unit_norms")
+for name, leaf in named(mixed_params).items():
+    units = nox.unit_norms(leaf, stack_axes=int(stacks[name]))
+    print(
+        f"{name:26s} {leaf.shape!s:12s} {stacks[name]!s:7s} "
+        f"{decay[name]!s:6s} {layer_norms[name].shape!s:11s} {units.shape}"
+    )
+head = mixed_params["head"]["kernel"][...]
+wrong = nox.unit_norms(head, stack_axes=1).shape
+print(f"stack_axes=1 on the head kernel {head.shape}: unit_norms {wrong}, wrong")""",
+    ),
+    (
+        "markdown",
+        """\
+## Training with per-layer constraints and per-layer gradient norms
+
+A student stack learns to copy a teacher stack (same architecture, other
+weights) on Gaussian inputs. The chain decays only the stacked kernels and
+keeps every unit of every layer within norm 1:
+
+```python
+mask = nox.masks.matrices_only(stack_axes=1)
+optax.chain(optax.adamw(1e-3, mask=mask), nox.max_norm(1.0, stack_axes=1, mask=mask))
+```
+
+(`max_norm` takes the same mask, so the LayerNorm scales, `1.0` each at the
+start, are not projected.) The training step also returns
+`nox.leaf_norms(grads, stack_axes=1)`: the gradient norm of every
+parameter *per layer*, what to log to see which layer a spike comes from.
+For comparison, the same training without `stack_axes`, the pitfall above:
+`matrices_only` decays the scales and biases, `max_norm` bounds units
+across layers.""",
+    ),
+    (
+        "code",
+        """\
+steps = 30 if SMALL else 2000
+x = jax.random.normal(jax.random.key(1), (1024, DIM))
+y = Stack(nnx.Rngs(1))(x)  # the teacher
+
+
+@nnx.jit
+def train_step(model, optimizer, x, y):
+    def loss_fn(model):
+        return jnp.mean((model(x) - y) ** 2)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss, nox.leaf_norms(grads, stack_axes=1)
+
+
+stacked = nox.masks.matrices_only(stack_axes=1)
+chains = {
+    "stack_axes=1": optax.chain(
+        optax.adamw(1e-3, mask=stacked),
+        nox.max_norm(1.0, stack_axes=1, mask=stacked),
+    ),
+    "no stack_axes": optax.chain(
+        optax.adamw(1e-3, mask=nox.masks.matrices_only),
+        nox.max_norm(1.0, mask=nox.masks.matrices_only),
+    ),
+}
+runs = {}
+for label, tx in chains.items():
+    student = Stack(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(student, tx, wrt=nnx.Param)
+    losses, grad_norms = [], []
+    for _ in range(steps):
+        loss, norms = train_step(student, optimizer, x, y)
+        losses.append(float(loss))
+        grad_norms.append({k: np.asarray(v) for k, v in named(norms).items()})
+    runs[label] = (student, np.array(losses), grad_norms)
+    print(f"{label}: loss {losses[0]:.4f} at step 1, {losses[-1]:.4f} at {steps}")""",
+    ),
+    (
+        "code",
+        """\
+losses, grad_norms = runs["stack_axes=1"][1:]
+up = np.stack([g["layers/up/kernel"] for g in grad_norms])  # (steps, LAYERS)
+fig, (ax_loss, ax_norm) = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained")
+for label, (_, run_losses, _) in runs.items():
+    ax_loss.plot(run_losses, label=label)
+ax_loss.set(yscale="log", xlabel="step", title="training loss")
+ax_loss.legend()
+for layer in range(LAYERS):
+    ax_norm.plot(up[:, layer], label=f"layer {layer}")
+ax_norm.set(
+    yscale="log", xlabel="step", title="gradient norm of layers/up/kernel, per layer"
+)
+ax_norm.legend()
+plt.show()
+
+lines = ["| parameter | " + " | ".join(f"layer {i}" for i in range(LAYERS)) + " |"]
+lines.append("|---" + "|---:" * LAYERS + "|")
+for name in grad_norms[0]:
+    first, last = grad_norms[0][name], grad_norms[-1][name]
+    cells = " | ".join(f"{a:.3g} -> {b:.3g}" for a, b in zip(first, last, strict=True))
+    lines.append(f"| {name} | {cells} |")
+title = f"**Gradient norm per layer, step 1 -> step {steps}**"
+display(Markdown(title + "\\n\\n" + "\\n".join(lines)))""",
+    ),
+    (
+        "markdown",
+        """\
+## The check: every unit of every layer within its bound
+
+The largest unit norm of each kernel, layer by layer, computed from the
+trained weights with `nox.unit_norms(kernel, stack_axes=1)`. With
+`stack_axes=1` every layer may use the whole bound; without it, the layers
+share it.""",
+    ),
+    (
+        "code",
+        """\
+kernels = ["layers/up/kernel", "layers/down/kernel"]
+lines = ["| run | kernel | " + " | ".join(f"layer {i}" for i in range(LAYERS)) + " |"]
+lines.append("|---|---" + "|---:" * LAYERS + "|")
+largest = {}
+for label, (student, _, _) in runs.items():
+    trained = named(nnx.state(student, nnx.Param))
+    for name in kernels:
+        top = np.max(np.asarray(nox.unit_norms(trained[name], stack_axes=1)), (1, 2))
+        largest[label, name] = top
+        cells = " | ".join(f"{t:.4f}" for t in top)
+        lines.append(f"| {label} | {name} | {cells} |")
+display(Markdown("\\n".join(lines)))
+
+worst = max(float(np.max(largest["stack_axes=1", name])) for name in kernels)
+ok = worst <= 1.0 * (1 + 1e-6)
+print(
+    f"check max_norm(1.0, stack_axes=1): largest per-layer unit norm {worst:.7g} "
+    f"<= 1 -> {'OK' if ok else 'FAILED'}"
+)""",
     ),
 ]
 
@@ -502,6 +951,7 @@ NOTEBOOKS = {
     "01_quickstart.ipynb": QUICKSTART,
     "02_exploding_gradients.ipynb": EXPLODING,
     "03_weight_constraints.ipynb": CONSTRAINTS,
+    "04_large_models.ipynb": LARGE_MODELS,
 }
 
 

@@ -75,9 +75,11 @@ def test_runs_every_technique(quick_run: Any) -> None:
         "add_l2_decay",
         "decoupled_decay",
         "prox_l1",
+        "prox_group_l1",
         "max_norm",
         "unit_norm",
         "clip_weights",
+        "clip_spectral_norm",
     ]
 
 
@@ -92,6 +94,20 @@ def test_unclipped_run_is_worse(quick_run: Any) -> None:
     assert none["nonfinite_steps"] > 0 or none["final_loss"] > 2 * clipped["final_loss"]
 
 
+def test_zclip_with_the_authors_defaults_trains(quick_run: Any) -> None:
+    """``nox.zclip()`` (ceiling ``max_norm=1.0``) trains through the cliffs.
+
+    The same bar as ``clip_by_global_norm``: no non-finite step, and a final
+    loss below ``1/6``, the loss of predicting the mean.
+    """
+    _, rows, _, _ = quick_run
+    zclip = _rows(rows, "exploding")["zclip"]
+    assert zclip["nonfinite_steps"] == 0
+    assert math.isfinite(zclip["final_loss"])
+    assert zclip["final_loss"] < 1 / 6
+    assert math.isfinite(zclip["max_grad_norm"])
+
+
 def test_prox_l1_gives_exact_zeros(quick_run: Any) -> None:
     _, rows, stdout, _ = quick_run
     runs = _rows(rows, "constraints")
@@ -99,6 +115,30 @@ def test_prox_l1_gives_exact_zeros(quick_run: Any) -> None:
     assert runs["plain"]["zero_fraction"] == 0.0
     assert "check prox_l1:" in stdout
     assert "-> OK" in stdout.split("check prox_l1:")[1].splitlines()[0]
+
+
+def test_group_lasso_zeroes_whole_units(quick_run: Any) -> None:
+    _, rows, stdout, _ = quick_run
+    runs = _rows(rows, "constraints")
+    group = runs["prox_group_l1"]
+    assert sum(z for z, _ in group["zero_units"].values()) > 0
+    assert group["zero_units"]["head/kernel"][0] == 0  # the head is not pruned
+    assert group["test_accuracy"] > 0.8
+    assert runs["plain"]["zero_unit_fraction"] == 0.0
+    assert "-> OK" in stdout.split("check prox_group_l1:")[1].splitlines()[0]
+
+
+def test_spectral_norm_bounds_every_layer(quick_run: Any) -> None:
+    """Each kernel's largest singular value (SVD) is within its bound."""
+    _, rows, stdout, _ = quick_run
+    runs = _rows(rows, "constraints")
+    bound = CNNConfig().spectral_norm
+    sigmas = runs["clip_spectral_norm"]["sigmas"]
+    assert set(sigmas) == {"conv1/kernel", "conv2/kernel", "head/kernel"}
+    for name, sigma in sigmas.items():
+        assert sigma <= bound * (1 + 1e-3), name
+    assert runs["plain"]["max_sigma"] > bound  # the constraint is active
+    assert "-> OK" in stdout.split("check clip_spectral_norm:")[1].splitlines()[0]
 
 
 def test_max_norm_bounds_every_unit(quick_run: Any) -> None:

@@ -40,12 +40,26 @@ EXPECTED = {
     "02_exploding_gradients.ipynb": [
         "| run | final loss | max grad norm (pre-clip) |",
         "| run | steps clipped |",
+        "| zclip, max_norm=None |",
+        "zclip: the z-score rule cut",
         "**Final loss per seed**",
     ],
     "03_weight_constraints.ipynb": [
-        "| run | test accuracy | exactly-zero weights |",
+        "| run | test accuracy | exactly-zero weights | exactly-zero units |",
         "check prox_l1:",
+        "check prox_group_l1:",
         "check max_norm:",
+        "check clip_spectral_norm:",
+        "**Largest singular value per layer",
+    ],
+    "04_large_models.ipynb": [
+        "-> unit_norms (1, 1, 32)",
+        "-> unit_norms(stack_axes=1) (4, 1, 32)",
+        "adamw(mask=matrices_only(stack_axes=1)): LayerNorm scales move by 0.0e+00",
+        "| layer | max unit norm | `max_norm(1.0)`",
+        "**Gradient norm per layer",
+        "check max_norm(1.0, stack_axes=1): largest per-layer unit norm",
+        "-> OK",
     ],
 }
 

@@ -3,12 +3,13 @@
 Part 1 (:mod:`norm_optax.demo.exploding`) trains a tanh RNN on the adding
 problem with and without gradient clipping; part 2
 (:mod:`norm_optax.demo.constraints`) trains a small Flax NNX CNN on the 8x8
-digits with L2/L1 decay and weight constraints. Each part prints a table and
+digits with L2/L1 decay, the L1 and group-lasso proximal steps and weight
+constraints (per unit, per element, spectral). Each part prints a table and
 writes a PNG to ``--out``. Needs the ``examples`` extra::
 
     pip install "norm-optax[examples]"
-    python -m norm_optax.demo            # full run, about a minute on 2 CPU cores
-    python -m norm_optax.demo --quick    # a much smaller run
+    python -m norm_optax.demo            # full run, about two minutes on 2 CPU cores
+    python -m norm_optax.demo --quick    # a much smaller run, about a minute
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "--quick", action="store_true", help="a much smaller run (about 20 s)"
+        "--quick", action="store_true", help="a much smaller run (about a minute)"
     )
     parser.add_argument(
         "--out",
