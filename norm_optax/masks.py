@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -279,7 +280,8 @@ def stack_axes_from_partitions(
 
     **Where Flax records the name.** Only on variables that carry a
     partition annotation: the ``out_sharding`` metadata of an NNX
-    ``Variable`` (``nnx.with_partitioning``, ``kernel_metadata=``), and the
+    ``Variable`` (``nnx.with_partitioning``, or ``kernel_metadata=
+    {"out_sharding": ...}`` and the like on NNX layers), and the
     ``names`` of a Linen ``nn.Partitioned`` (or ``nn.LogicallyPartitioned``)
     box (``nn.with_partitioning``). A stacked variable without an annotation
     records nothing and counts as not stacked: annotate every stacked
@@ -320,7 +322,8 @@ def stack_axes_from_partitions(
       ValueError: no variable of ``tree`` records partition names, or a
         variable has ``partition_name`` at an axis after one that is not a
         stack axis (the message names its path, shape and names).
-      TypeError: ``partition_name`` is not a string or a tuple of strings.
+      TypeError: ``partition_name`` is not a string or a tuple of strings,
+        or ``tree`` is an NNX module (pass its ``nnx.state``).
 
     Example:
       >>> import flax.linen as nn
@@ -346,6 +349,13 @@ def stack_axes_from_partitions(
     if tree is None:
         return functools.partial(
             stack_axes_from_partitions, partition_name=partition_name
+        )
+    nnx = sys.modules.get("flax.nnx")  # (flax is not a dependency)
+    if nnx is not None and isinstance(tree, nnx.Module):
+        raise TypeError(
+            "stack_axes_from_partitions reads a state, not a module: pass "
+            "nnx.state(model, nnx.Param), whose structure is that of the "
+            "params tx.update sees."
         )
     recorded = []
 

@@ -544,9 +544,11 @@ def test_helper_reads_nnx_state() -> None:
     # The structure of the bare-array params nnx.Optimizer hands to tx.update.
     pure = nnx.as_pure(state)
     chex.assert_trees_all_equal_structs(stack, pure)
-    # The unfiltered state works too.
+    # The unfiltered state works too; the module itself is refused.
     whole = nox.masks.stack_axes_from_partitions(nnx.state(model))
     assert nnx.to_pure_dict(whole)["blocks"] == STACKED_STATE["blocks"]
+    with pytest.raises(TypeError, match=r"nnx.state\(model, nnx.Param\)"):
+        nox.masks.stack_axes_from_partitions(model)
 
 
 def test_helper_on_bare_arrays_or_unannotated_variables_raises() -> None:
