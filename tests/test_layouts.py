@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -148,8 +149,8 @@ class Op:
         return self.name
 
 
-# clip_spectral_norm is being written in another change: its cases skip until
-# it is there.
+# clip_spectral_norm came with another change: its cases skip on a checkout
+# without it.
 CLIP_SPECTRAL_NORM: Any = getattr(nox, "clip_spectral_norm", None)
 
 
@@ -174,6 +175,20 @@ OPS = [
     Op("matrices_only", _matrices_only, has_axis=False, structural=True),
 ]
 OP_NAMES = [op.name for op in OPS]
+
+
+def test_the_registry_holds_every_stack_aware_name() -> None:
+    public = [(nox, n) for n in nox.__all__] + [
+        (nox.masks, n) for n in nox.masks.__all__
+    ]
+    stack_aware = {
+        name
+        for module, name in public
+        if callable(obj := getattr(module, name))
+        and not isinstance(obj, type)
+        and "stack_axes" in inspect.signature(obj).parameters
+    }
+    assert stack_aware <= set(OP_NAMES), sorted(stack_aware - set(OP_NAMES))
 
 
 def _needs(op: Op) -> None:
