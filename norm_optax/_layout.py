@@ -132,6 +132,11 @@ def resolve_spec(
       ValueError: the tree does not match ``updates`` (naming both).
       TypeError: a callable returned something that is not such a tree.
     """
+    if isinstance(spec, jax.core.Tracer):
+        raise TypeError(
+            f"{name} is structural and cannot be traced: under "
+            f"optax.inject_hyperparams list it in static_args."
+        )
     if is_value(spec):
         return [spec] * len(jax.tree.leaves(updates))
     if callable(spec) and not _is_tree_of(spec, is_value):

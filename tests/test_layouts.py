@@ -993,3 +993,16 @@ def test_equinox_model_trains_as_flax_layout() -> None:
     # Stacked but in the Flax convention: still wrong (units are the rows).
     transposed = _train_eqx(_eqx_model(), _chain(stack))
     _assert_differs(_flax_layout(transposed)["blocks"], want["blocks"])
+
+
+@pytest.mark.standard_promotion
+def test_traced_stack_axes_says_to_list_it_in_static_args() -> None:
+    params = {"w": jnp.ones((2, 3, 3))}
+    tx = optax.inject_hyperparams(nox.max_norm)(max_value=1.0, stack_axes=1)
+    with pytest.raises(TypeError, match=r"stack_axes is structural.*static_args"):
+        jax.jit(tx.update)(params, tx.init(params), params)
+    fixed = optax.inject_hyperparams(nox.max_norm, static_args=("stack_axes",))(
+        max_value=1.0, stack_axes=1
+    )
+    out, _ = jax.jit(fixed.update)(params, fixed.init(params), params)
+    chex.assert_shape(out["w"], (2, 3, 3))
