@@ -13,6 +13,7 @@ no recompilation across calls.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import chex
@@ -86,38 +87,33 @@ def test_state(case: Case) -> None:
 
 
 @each_case
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_structure_dtype_and_skipped_leaves(case: Case, jit: bool) -> None:
-    updates, params = _inputs()
+def test_structure_dtype_skipped_leaves_and_jit_matches_eager(case: Case) -> None:
+    updates, params = _inputs(seed=3)
     tx = case.make()
-    out = _apply(
-        case, updates, params, tx=tx, update=jax.jit(tx.update) if jit else None
-    )
-    chex.assert_trees_all_equal_shapes_and_dtypes(out, updates)
-    assert out["frozen"] is None
-    assert out["step"] is updates["step"] or int(out["step"]) == 7
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in _inexact(out))
+    eager = _apply(case, updates, params, tx=tx)
+    jitted = _apply(case, updates, params, tx=tx, update=jax.jit(tx.update))
+    for out in (eager, jitted):
+        chex.assert_trees_all_equal_shapes_and_dtypes(out, updates)
+        assert out["frozen"] is None
+        assert out["step"] is updates["step"] or int(out["step"]) == 7
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in _inexact(out))
+    chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-6)
 
 
 @each_case
 def test_extra_keyword_arguments_are_accepted_and_ignored(case: Case) -> None:
     updates, params = _inputs(seed=2)
     plain = _apply(case, updates, params)
-    extra = _apply(case, updates, params, value=jnp.float32(1.0), other="x")
-    chex.assert_trees_all_equal(plain, extra)
-    # ... also inside optax.chain, which passes them to every member.
+    # Inside optax.chain, which passes them to every member ...
     tx = optax.chain(case.make(), optax.identity())
-    chained = _apply(case, updates, params, tx=tx, value=jnp.float32(1.0))
+    chained = _apply(case, updates, params, tx=tx, value=jnp.float32(1.0), other="x")
     chex.assert_trees_all_equal(plain, chained)
-
-
-@each_case
-def test_jit_matches_eager(case: Case) -> None:
-    updates, params = _inputs(seed=3)
-    tx = case.make()
-    eager = _apply(case, updates, params, tx=tx)
-    jitted = _apply(case, updates, params, tx=tx, update=jax.jit(tx.update))
-    chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-6)
+    # ... and directly.
+    direct = case.make()
+    p = params if case.needs_params else None
+    first, _ = direct.update(updates, direct.init(params), p, value=1.0, other="x")
+    one_step = dataclasses.replace(case, steps=1)
+    chex.assert_trees_all_equal(first, _apply(one_step, updates, params))
 
 
 @each_case
@@ -142,8 +138,10 @@ def test_changes_something(case: Case) -> None:
 def test_dtypes_match_float64_reference(case: Case, dtype: Any) -> None:
     with jax.enable_x64(True):
         updates, params = _inputs(dtype, seed=5)
-        out, _state = _run(case, updates, params)
+        out = _apply(case, updates, params)
         chex.assert_trees_all_equal_shapes_and_dtypes(out, updates)
+        if dtype == jnp.float64:
+            return  # that run is the float64 reference itself
         ref = _apply(
             case,
             jax.tree.map(jnp.asarray, to_f64(updates)),
@@ -169,7 +167,7 @@ def test_vmap_matches_loop(case: Case) -> None:
         return _apply(case, u, p)
 
     batched = jax.vmap(one)(updates, params)
-    for i in range(3):
+    for i in (0, 2):  # the first and the last example
         single = one(
             jax.tree.map(lambda x, i=i: x[i], updates),
             jax.tree.map(lambda x, i=i: x[i], params),
@@ -241,7 +239,7 @@ def test_no_recompilation_across_calls(case: Case) -> None:
         return tx.update(u, state, p)
 
     chex.clear_trace_counter()
-    for seed in range(3):
+    for seed in range(2):
         updates, params = _inputs(seed=seed)
         _run(case, updates, params, tx=tx, update=update)
 
