@@ -177,8 +177,8 @@ def test_vmap_matches_loop(case: Case) -> None:
         )
 
 
-@each_case
-def test_grad_at_zero_updates_is_finite(case: Case) -> None:
+def _meta_objective(case: Case) -> tuple[Any, Any, dict[str, jax.Array]]:
+    """Zero updates, ``sum(update(u))`` after a warm-up, and the hyper-parameters."""
     updates, params = _inputs()
     updates, params = _drop(updates, "step", "frozen"), _drop(params, "step", "frozen")
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -196,10 +196,22 @@ def test_grad_at_zero_updates_is_finite(case: Case) -> None:
         name: jnp.asarray(case.kwargs.get(name, 1e-3), jnp.float32)
         for name in case.hyper
     }
+    return zeros, total, hyper
+
+
+@each_case
+def test_grad_at_zero_updates_is_finite(case: Case) -> None:
+    zeros, total, hyper = _meta_objective(case)
     grads = jax.grad(total, argnums=(0, 1))(zeros, hyper)
     for g in jax.tree.leaves(grads):
         assert bool(jnp.all(jnp.isfinite(g))), grads
-    # Second order too: the gradient of the gradient norm (meta-gradients).
+
+
+@each_case
+@pytest.mark.slow  # second-order: slow to compile; .ci/run runs the slow tests
+def test_second_order_meta_gradient_at_zero_updates_is_finite(case: Case) -> None:
+    """The gradient of the gradient norm, as meta-learning of a threshold needs."""
+    zeros, total, hyper = _meta_objective(case)
     hessian_vector = jax.grad(lambda u: nox.global_norm(jax.grad(total)(u, hyper)))(
         zeros
     )

@@ -22,7 +22,10 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
+# Session scope: xdist's loadgroup keeps the module on one worker but may
+# interleave other modules' tests, which would tear a module fixture down and
+# run the demo twice.
+@pytest.fixture(scope="session")
 def quick_run(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[pathlib.Path, list[dict[str, Any]], str, str]:

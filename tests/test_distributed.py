@@ -75,7 +75,10 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
+# Session scope: xdist's loadgroup keeps the module on one worker but may
+# interleave other modules' tests, which would tear a module fixture down and
+# run the subprocess twice.
+@pytest.fixture(scope="session")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("distributed") / "single_host.json"
     proc = subprocess.run(
