@@ -28,7 +28,11 @@ from tests.cases import CASES, Case, make_tree, step_updates
 from tests.conftest import rtol, to_f64
 from tests.test_api import TRANSFORMS
 
-each_case = pytest.mark.parametrize("case", CASES, ids=str)
+each_case = pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.slow) if c.variant else c for c in CASES],
+    ids=str,
+)
 
 
 def _run(
