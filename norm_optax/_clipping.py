@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from norm_optax import _layout, _norms
-from norm_optax._domains import NONNEGATIVE, declare, poison
+from norm_optax._domains import FINITE_NONNEGATIVE, NONNEGATIVE, declare, poison
 from norm_optax._numerics import as_real, clip_scale, safe_ratio, scale_leaf
 from norm_optax._transform import Leaf, leafwise, map_inexact, stateless
 from norm_optax._types import Axis, Mask, Ord, PyTree, Scalar, StackAxes
@@ -248,7 +248,7 @@ def normalize_by_global_norm(
       keyword arguments to ``update`` are ignored).
 
     Raises:
-      ValueError: ``norm`` is negative or NaN.
+      ValueError: ``norm`` is negative, NaN or infinite.
 
     Example:
       >>> import jax.numpy as jnp
@@ -262,7 +262,7 @@ def normalize_by_global_norm(
       Hazan et al., `Beyond Convexity: Stochastic Quasi-Convex Optimization
       <https://arxiv.org/abs/1507.02030>`_, 2015
     """
-    hypers = declare(norm=(norm, NONNEGATIVE))
+    hypers = declare(norm=(norm, FINITE_NONNEGATIVE))
 
     def update(updates: PyTree, params: Any) -> PyTree:
         del params

@@ -20,6 +20,28 @@ tree). A spec tree may also be a *prefix* of the updates (as in
   first non-stack axis when there are at least two, all of them otherwise;
 * an int or a tuple of ints names axes of the whole leaf (negative ones count
   from the end); naming a stack axis is an error.
+
+**Broadcast biases.** A bias is added to a layer's output, never contracted
+with its input: it has no fan-in. Equinox stores a convolution's bias with
+size-1 *broadcast* axes, ``(out, 1, 1)`` for ``Conv2d`` (``(out, 1)`` for
+``Conv1d``), where Flax and PyTorch store ``(out,)``. A leaf whose last key is
+``bias`` and whose non-stack axes after the first all have size 1 is read as
+the vector of its first axis (:func:`is_broadcast_bias`): it is not a matrix
+(:func:`is_matrix`) and, under ``axis=None`` or ``"out_first"``, it is one
+unit (reduced over all its non-stack axes), exactly as its Flax twin
+``(out,)``. The name is what tells the two apart: an Equinox ``Linear`` with
+one input (``Linear("scalar", out)``) stores its weight ``(out, 1)`` too, and
+that *is* a matrix with fan-in 1, as is the Flax kernel ``(1, out)`` of the
+same layer. Size-1 axes of any other leaf are real axes (a Flax ``Dense(1)``
+head has the matrix kernel ``(in, 1)``).
+
+**Bare numbers.** ``optax.inject_hyperparams`` calls every callable argument
+not listed in its ``static_args`` with the step count (an int32 scalar), and
+turns a number into an array. A structural argument (``mask``, ``axis``,
+``stack_axes``) that arrives as such a number, and a selector of
+``norm_optax.masks`` called with one, raise ``TypeError`` saying to list the
+argument in ``static_args`` (:func:`check_not_number`): they never silently
+select nothing.
 """
 
 from __future__ import annotations
@@ -35,10 +57,15 @@ import numpy as np
 from norm_optax._types import LeafAxis, PyTree
 
 __all__ = [
+    "MASK_TEXT",
     "OUT_FIRST",
     "check_axis",
+    "check_not_number",
+    "check_specs",
     "is_axis_value",
+    "is_broadcast_bias",
     "is_mask_value",
+    "is_matrix",
     "is_stack_value",
     "layer_axes",
     "path_str",
@@ -79,13 +106,44 @@ def _shape_of(path: str, shape: tuple[int, ...]) -> str:
 # ---------------------------------------------------------------------------
 
 
-def is_mask_value(x: Any) -> bool:
-    """A mask entry: a Python or NumPy bool (``None`` marks a missing leaf)."""
-    return x is None or isinstance(x, (bool, np.bool_))
+MASK_TEXT = (
+    "True or False (or 1 or 0, also as a concrete 0-d bool or integer array, "
+    "as optax.masked accepts)"
+)
+"""What a mask entry may be, for error messages."""
+
+_WHAT = {
+    "mask": MASK_TEXT,
+    "stack_axes": "an int >= 0 or a bool (True = 1)",
+    "axis": "None, an int, a tuple of ints or 'out_first'",
+}
 
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_scalar_array(x: Any) -> bool:
+    """A 0-d JAX or NumPy array (a tracer included)."""
+    return isinstance(x, (jax.Array, np.ndarray)) and x.ndim == 0
+
+
+def is_mask_value(x: Any) -> bool:
+    """A mask entry: a bool, or 0 or 1 (``None`` marks a missing leaf).
+
+    As :func:`optax.masked` accepts: Python and NumPy bools and ints, and
+    concrete 0-d bool or integer arrays (``jnp.array(True)``); only 0 and 1
+    among the ints. A traced value is not an entry (a mask is structural).
+    """
+    if x is None or isinstance(x, (bool, np.bool_)):
+        return True
+    if _is_int(x):
+        return int(x) in (0, 1)
+    if _is_scalar_array(x) and not isinstance(x, jax.core.Tracer):
+        dtype = np.dtype(x.dtype)
+        if dtype == np.bool_ or np.issubdtype(dtype, np.integer):
+            return int(x) in (0, 1)
+    return False
 
 
 def is_stack_value(x: Any) -> bool:
@@ -103,6 +161,120 @@ def is_axis_value(x: Any) -> bool:
 def _is_tree_of(spec: Any, is_value: Callable[[Any], bool]) -> bool:
     leaves = jax.tree.leaves(spec, is_leaf=is_value)
     return all(is_value(leaf) for leaf in leaves)
+
+
+def _static_args_error(name: str, got: Any, also: str = "") -> TypeError:
+    return TypeError(
+        f"{name} is structural, not a number: got {got!r} where a tree (or a "
+        f"callable returning one) belongs. optax.inject_hyperparams turns a "
+        f"number into an array (traced under jit) and calls every callable "
+        f"argument not "
+        f"listed in its static_args with the step count, so a callable {name} "
+        f"would select nothing: list {name!r}{also} in static_args, e.g. "
+        f"optax.inject_hyperparams(tx, static_args=({name!r},))."
+    )
+
+
+def check_not_number(tree: Any, name: str = "mask", *, also: str = "") -> None:
+    """Raises ``TypeError`` if ``tree`` is a bare integer, not a params tree.
+
+    What :func:`optax.inject_hyperparams` passes to a callable argument not
+    listed in ``static_args``: the step count, an int32 scalar (concrete in
+    ``init``, traced in ``update`` under ``jit``). Parameters are never
+    integers, so a selector given one is being used as a schedule.
+    """
+    if isinstance(tree, (bool, np.bool_)):
+        return
+    if _is_int(tree) or (
+        _is_scalar_array(tree) and np.issubdtype(np.dtype(tree.dtype), np.integer)
+    ):
+        raise _static_args_error(name, tree, also)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, jax.core.Tracer):
+        return f"a traced {value.dtype} value"
+    return f"{value!r} (of type {type(value).__name__})"
+
+
+def _bad_leaf(spec: Any, is_value: Callable[[Any], bool]) -> str:
+    """Where the first entry of ``spec`` that is not a value is, and what it is."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(spec, is_leaf=is_value)[0]:
+        if not is_value(leaf):
+            where = path_str(path)
+            return f"{_describe(leaf)}" + (f" at {where}" if where else "")
+    return repr(spec)
+
+
+def _has_box(tree: Any) -> bool:
+    """Whether ``tree`` holds a Flax variable box (``Param(value=...)``)."""
+    found = []
+
+    def visit(node: Any) -> bool:
+        if callable(getattr(node, "get_metadata", None)):
+            found.append(node)
+            return True
+        return False
+
+    jax.tree.leaves(tree, is_leaf=visit)
+    return bool(found)
+
+
+def _check_tree(spec: Any, name: str, is_value: Callable[[Any], bool]) -> None:
+    """Raises ``TypeError`` naming the first entry of ``spec`` that is no value."""
+    if _is_tree_of(spec, is_value):
+        return
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(spec))
+    what = _WHAT.get(name, "a valid value")
+    raise TypeError(
+        f"{name} must be {what} for every leaf, a tree of such values matching "
+        f"the params (or a prefix of it), or a callable params -> that tree; "
+        f"got {_bad_leaf(spec, is_value)}."
+        + (
+            f" {name} is structural and cannot be traced: under "
+            f"optax.inject_hyperparams list {name!r} in static_args."
+            if traced
+            else ""
+        )
+    )
+
+
+def check_specs(*, mask: Any = None, axis: Any = None, stack_axes: Any = None) -> None:
+    """Construction-time checks of ``mask``, ``axis`` and ``stack_axes``.
+
+    A single value, or a tree of values, is checked now (a negative
+    ``stack_axes``, a float where an int belongs, an unknown axis string);
+    a callable is checked per leaf when called, at update time.
+
+    Raises:
+      ValueError: a value that can never be valid (``stack_axes=-1``).
+      TypeError: a value of the wrong type (``stack_axes=1.0``), or a bare
+        array (see :func:`resolve_spec`).
+    """
+    check_axis(axis)
+    for name, spec, is_value in (
+        ("mask", mask, is_mask_value),
+        ("axis", axis, is_axis_value),
+        ("stack_axes", stack_axes, is_stack_value),
+    ):
+        if spec is None or is_value(spec):
+            pass
+        elif _is_scalar_array(spec):
+            raise _static_args_error(name, spec)
+        elif callable(spec) and not _is_tree_of(spec, is_value):
+            continue
+        else:
+            _check_tree(spec, name, is_value)
+        if name == "stack_axes":
+            for path, value in jax.tree_util.tree_flatten_with_path(
+                spec, is_leaf=is_value
+            )[0]:
+                if _is_int(value) and value < 0:
+                    where = path_str(path)
+                    raise ValueError(
+                        f"stack_axes must be >= 0, got {value!r}"
+                        + (f" at {where}." if where else ".")
+                    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,24 +302,20 @@ def resolve_spec(
 
     Raises:
       ValueError: the tree does not match ``updates`` (naming both).
-      TypeError: a callable returned something that is not such a tree.
+      TypeError: ``spec`` (or what a callable returned) is not such a tree; a
+        bare array or a traced value (what ``optax.inject_hyperparams``
+        passes for an argument not in ``static_args``) says to list ``name``
+        in ``static_args``.
     """
-    if isinstance(spec, jax.core.Tracer):
-        raise TypeError(
-            f"{name} is structural and cannot be traced: under "
-            f"optax.inject_hyperparams list it in static_args."
-        )
     if is_value(spec):
         return [spec] * len(jax.tree.leaves(updates))
+    if _is_scalar_array(spec):
+        raise _static_args_error(name, spec)
     if callable(spec) and not _is_tree_of(spec, is_value):
         spec = spec(params)
         if is_value(spec):
             return [spec] * len(jax.tree.leaves(updates))
-    if not _is_tree_of(spec, is_value):
-        raise TypeError(
-            f"{name} must be a value for every leaf, a tree of such values "
-            f"matching the params, or a callable returning one; got {spec!r}."
-        )
+    _check_tree(spec, name, is_value)
     try:
         per_subtree = jax.tree.map(
             lambda value, sub: _Repeated(value, len(jax.tree.leaves(sub))),
@@ -156,11 +324,20 @@ def resolve_spec(
             is_leaf=is_value,
         )
     except (ValueError, TypeError) as error:
+        hint = ""
+        if _has_box(spec) and not _has_box(updates):
+            hint = (
+                f"\n{name} holds Flax variable boxes (Param(value=...)), the "
+                f"updates bare arrays (nnx.Optimizer passes nnx.as_pure of the "
+                f"state to tx.update): build {name} with the selectors of "
+                f"norm_optax.masks, which unbox, or unbox it with "
+                f"nnx.as_pure(...)."
+            )
         raise ValueError(
             f"The structure of {name} does not match the updates (it is a tree "
             f"with the structure of the params, or a prefix of it).\n"
             f"  updates: {jax.tree.structure(updates)}\n"
-            f"  {name}: {jax.tree.structure(spec, is_leaf=is_value)}"
+            f"  {name}: {jax.tree.structure(spec, is_leaf=is_value)}{hint}"
         ) from error
     out: list[Any] = []
     for repeated in jax.tree.leaves(per_subtree):
@@ -184,8 +361,8 @@ def stack_count(value: Any, path: str, shape: tuple[int, ...]) -> int:
         return 0
     if not is_stack_value(value):
         raise TypeError(
-            f"stack_axes must be an int >= 0 or a bool, got {value!r} for the "
-            f"leaf at {_where(path)}."
+            f"stack_axes must be an int >= 0 or a bool (True = 1), got "
+            f"{_describe(value)} for the leaf at {_where(path)}."
         )
     count = int(operator.index(value))
     if count < 0:
@@ -242,10 +419,37 @@ def _explicit_axes(
     return tuple(sorted(out))
 
 
+def is_broadcast_bias(path: str, shape: tuple[int, ...], stack: int) -> bool:
+    """Whether the leaf is a bias with size-1 broadcast axes (Equinox's conv bias).
+
+    Its last key is ``bias`` and its non-stack axes after the first all have
+    size 1: ``(out, 1, 1)``, ``(layers, out, 1)`` with ``stack=1``. It is read
+    as the vector of its first non-stack axis (see the module docstring).
+    """
+    core = shape[stack:]
+    name = path.rsplit("/", 1)[-1]
+    return name == "bias" and len(core) >= 2 and all(d == 1 for d in core[1:])
+
+
+def is_matrix(path: str, shape: tuple[int, ...], stack: int) -> bool:
+    """Whether one layer's slice of the leaf is a matrix (fan-in and units).
+
+    At least two non-stack axes, and not a broadcast bias
+    (:func:`is_broadcast_bias`): Equinox's ``Conv2d`` bias ``(out, 1, 1)`` is
+    a vector, as its Flax twin ``(out,)`` is; a weight ``(out, 1)`` (an
+    Equinox ``Linear`` with one input) is a matrix, as its Flax twin
+    ``(1, out)`` is.
+    """
+    return len(shape) - stack >= 2 and not is_broadcast_bias(path, shape, stack)
+
+
 def unit_axes(
     axis: LeafAxis, path: str, shape: tuple[int, ...], stack: int
 ) -> tuple[int, ...]:
     """The axes (sorted, absolute) a unit of this leaf reduces over.
+
+    A broadcast bias (:func:`is_broadcast_bias`) is one unit under
+    ``axis=None`` and ``"out_first"``, as its Flax twin ``(out,)`` is.
 
     Raises:
       ValueError: an axis out of range, repeated, or naming a stack axis (the
@@ -253,6 +457,8 @@ def unit_axes(
     """
     ndim = len(shape)
     core = tuple(range(stack, ndim))
+    if (axis is None or axis == OUT_FIRST) and is_broadcast_bias(path, shape, stack):
+        return core
     if axis is None:
         return core[:-1] if len(core) >= 2 else core
     if isinstance(axis, str):

@@ -199,6 +199,7 @@ def _land_real(p: jax.Array, t: jax.Array, landing: Landing) -> jax.Array:
 def _make_land(landing: Landing) -> Any:
     @jax.custom_jvp
     def landed(p: jax.Array, t: jax.Array) -> jax.Array:
+        p = jnp.asarray(p)  # (a Python float primal under jax.grad)
         if jnp.iscomplexobj(p):
             return jax.lax.complex(
                 _land_real(p.real, t.real, landing),

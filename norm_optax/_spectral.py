@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from norm_optax import _norms
+from norm_optax import _layout, _norms
 from norm_optax._domains import NONNEGATIVE, POSITIVE_COUNT, declare
 from norm_optax._layout import check_axis
 from norm_optax._numerics import clip_scale, inner_bound, real_dtype
@@ -149,7 +149,7 @@ def _explicit_spec(x: jax.Array) -> tuple[Any, tuple[Any, ...]] | None:
 def _matrices(leaf: Leaf, x: jax.Array) -> _Matrices | None:
     """How ``leaf`` reads as matrices, or ``None`` if it has < 2 non-stack axes."""
     ndim = len(leaf.shape)
-    if ndim - leaf.stack < 2:
+    if not _layout.is_matrix(leaf.path, leaf.shape, leaf.stack):
         return None
     if ndim > len(_LETTERS):
         raise ValueError(

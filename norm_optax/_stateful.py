@@ -88,6 +88,26 @@ class RecordNormsState(NamedTuple):
     """``()`` float32: global L2 norm of the wrapped transform's last output."""
 
 
+def _check_transform(inner: Any, transform: str) -> None:
+    """Raises ``TypeError`` naming ``inner`` if it is not a transform."""
+    if isinstance(inner, optax.GradientTransformation) or (
+        callable(getattr(inner, "init", None))
+        and callable(getattr(inner, "update", None))
+    ):
+        return
+    hint = ""
+    if callable(inner):
+        name = getattr(inner, "__qualname__", None) or repr(inner)
+        hint = (
+            f" (the function {name}: call it, e.g. {transform}(optax.adam(1e-3)), "
+            f"or pass a transform rather than a function of the gradients)"
+        )
+    raise TypeError(
+        f"{transform}: inner must be an optax.GradientTransformation, with init "
+        f"and update, got {inner!r}{hint}."
+    )
+
+
 def record_norms(
     inner: optax.GradientTransformation, axis_name: Any = None
 ) -> optax.GradientTransformationExtraArgs:
@@ -123,6 +143,10 @@ def record_norms(
       An :class:`optax.GradientTransformationExtraArgs` whose state is a
       :class:`RecordNormsState`.
 
+    Raises:
+      TypeError: ``inner`` is not a transform (a function such as
+        ``optax.adam`` not yet called).
+
     Example:
       >>> import jax.numpy as jnp
       >>> import optax
@@ -132,7 +156,22 @@ def record_norms(
       >>> updates, state = tx.update(g, tx.init(g))
       >>> optax.tree.get(state, "input_norm"), optax.tree.get(state, "output_norm")
       (Array(5., dtype=float32), Array(1., dtype=float32))
+
+      With two wrappers in one state, ``optax.tree.get`` raises ``KeyError``
+      (the name is ambiguous): read every one, in chain order, with
+      ``optax.tree.get_all_with_path``, or index the chain's state first.
+
+      >>> tx = optax.chain(
+      ...     nox.record_norms(nox.clip_by_global_norm(1.0)),  # the raw norm
+      ...     nox.record_norms(optax.sgd(0.1)),  # the clipped norm
+      ... )
+      >>> updates, state = tx.update(g, tx.init(g))
+      >>> [float(v) for _, v in optax.tree.get_all_with_path(state, "input_norm")]
+      [5.0, 1.0]
+      >>> optax.tree.get(state[1], "input_norm")
+      Array(1., dtype=float32)
     """
+    _check_transform(inner, "record_norms")
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: optax.Params) -> RecordNormsState:
@@ -378,7 +417,8 @@ def skip_on_spike(
 
     Raises:
       ValueError: ``window < 2``, or ``num_sigma`` is negative or NaN.
-      TypeError: ``window`` is not an int.
+      TypeError: ``window`` is not an int, or ``inner`` is not a
+        transform (a function such as ``optax.adam`` not yet called).
 
     Example:
       >>> import jax.numpy as jnp
@@ -397,6 +437,7 @@ def skip_on_spike(
       loss spikes); Groeneveld et al., `OLMo: Accelerating the Science of
       Language Models <https://arxiv.org/abs/2402.00838>`_, 2024
     """
+    _check_transform(inner, "skip_on_spike")
     length = size(window, "window", 2)
     hypers = declare(num_sigma=(num_sigma, NONNEGATIVE))
     inner = optax.with_extra_args_support(inner)

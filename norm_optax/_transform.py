@@ -232,6 +232,7 @@ def leafwise(
     hyper-parameters (schedules evaluated). A traced value outside its domain
     makes the leaf's output NaN.
     """
+    _layout.check_specs(mask=mask, axis=axis, stack_axes=stack_axes)
     counting = hypers.has_schedule
 
     def update_fn(
@@ -352,6 +353,7 @@ def projection(
     :class:`ScheduleState` when a hyper-parameter is an optax schedule, or
     the target's ``state_type`` for a ``"leaf"`` target with an ``init``.
     """
+    _layout.check_specs(mask=mask, axis=axis, stack_axes=stack_axes)
     counting = hypers.has_schedule
     stateful = target.init is not None
     if counting and stateful:

@@ -51,9 +51,32 @@ __all__ = [
 
 MaskFn = Callable[[Any], Any]
 
+_OR_STACK_AXES = " (or 'stack_axes' or 'axis', the argument it was given as)"
 
-def _ndim(leaf: Any) -> int:
-    return len(getattr(leaf, "shape", ()))
+
+def _is_variable(node: Any) -> bool:
+    """A Flax NNX variable box (``Param(value=...)``)."""
+    return callable(getattr(node, "get_metadata", None))
+
+
+def _unboxed(params: PyTree) -> PyTree:
+    """``params`` with each NNX variable box replaced by its array.
+
+    ``nnx.Optimizer`` inits its transform on ``nnx.state(model, wrt)`` (boxes)
+    and updates it with ``nnx.as_pure`` of it (bare arrays): a mask built from
+    either is the tree of bare leaves, which is the params of ``tx.update``
+    and a prefix of the boxed state.
+    """
+    return jax.tree.map(
+        lambda node: _box_value(node) if _is_variable(node) else node,
+        params,
+        is_leaf=_is_variable,
+    )
+
+
+def _box_value(node: Any) -> Any:
+    get_value = getattr(node, "get_value", None)
+    return get_value() if callable(get_value) else node.value
 
 
 def _per_leaf(params: PyTree, values: list[Any]) -> PyTree:
@@ -65,7 +88,19 @@ def matrices_only(params: PyTree = None, *, stack_axes: StackAxes = None) -> Any
     """Marks the leaves with ``ndim >= 2`` (weight matrices, conv kernels).
 
     Biases, norm scales and scalars get ``False``. ``None`` leaves stay
-    ``None``; non-array leaves (Python numbers) get ``False``.
+    ``None``; non-array leaves (Python numbers) get ``False``. Given an NNX
+    ``State`` of variable boxes (``nnx.state(model, nnx.Param)``), the result
+    holds plain bools in place of the boxes, so it works as a mask inside
+    ``nnx.Optimizer`` (which passes bare arrays to ``tx.update``).
+
+    **Broadcast biases.** A bias has no fan-in: it is added to the output.
+    Equinox stores a convolution's bias with size-1 broadcast axes,
+    ``(out, 1, 1)`` for ``Conv2d`` and ``(out, 1)`` for ``Conv1d``; a leaf
+    whose last key is ``bias`` and whose axes after the first all have size 1
+    is not a matrix, exactly as its Flax twin ``(out,)``. Size-1 axes of
+    other leaves are real axes: an Equinox ``Linear("scalar", out)`` weight
+    ``(out, 1)``, a Flax ``Dense`` kernel ``(1, out)`` or ``(in, 1)`` is a
+    matrix. (The per-unit transforms read units the same way.)
 
     **Stacked layers.** With ``stack_axes`` (API.md section 6) the first
     ``s`` axes of a leaf index layers and do not count: a leaf is a matrix
@@ -88,32 +123,38 @@ def matrices_only(params: PyTree = None, *, stack_axes: StackAxes = None) -> Any
       ``params``, a callable ``params -> that tree``).
 
     Raises:
-      ValueError: ``stack_axes`` is larger than a leaf's ndim (naming the
-        leaf's path and shape).
+      ValueError: ``stack_axes`` is negative (when given) or larger than a
+        leaf's ndim (naming the leaf's path and shape).
+      TypeError: ``params`` is a bare integer: ``optax.inject_hyperparams``
+        called the selector with its step count, because ``mask`` is not
+        listed in its ``static_args`` (the message says so).
 
     Example:
       >>> import jax.numpy as jnp
       >>> import norm_optax as nox
       >>> nox.masks.matrices_only({"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)})
       {'bias': False, 'kernel': True}
+      >>> eqx_conv = {"weight": jnp.ones((4, 2, 3, 3)), "bias": jnp.ones((4, 1, 1))}
+      >>> nox.masks.matrices_only(eqx_conv)
+      {'bias': False, 'weight': True}
       >>> stacked = {"kernel": jnp.ones((4, 2, 3)), "bias": jnp.ones((4, 3))}
       >>> nox.masks.matrices_only(stacked, stack_axes=1)
       {'bias': False, 'kernel': True}
     """
     if params is None:
+        _layout.check_specs(stack_axes=stack_axes)
         return functools.partial(matrices_only, stack_axes=stack_axes)
+    _layout.check_not_number(params, "mask")
+    params = _unboxed(params)
     stacks = _layout.resolve_spec(
         stack_axes, params, params, name="stack_axes", is_value=_layout.is_stack_value
     )
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    out = [
-        _ndim(leaf)
-        - _layout.stack_count(
-            s, _layout.path_str(path), tuple(getattr(leaf, "shape", ()))
-        )
-        >= 2
-        for (path, leaf), s in zip(flat, stacks, strict=True)
-    ]
+    out = []
+    for (path, leaf), s in zip(flat, stacks, strict=True):
+        where, shape = _layout.path_str(path), tuple(getattr(leaf, "shape", ()))
+        stack = _layout.stack_count(s, where, shape)
+        out.append(_layout.is_matrix(where, shape, stack))
     return _per_leaf(params, out)
 
 
@@ -121,9 +162,10 @@ def _path_mask(pattern: str | re.Pattern[str], keep: bool) -> MaskFn:
     regex = re.compile(pattern)
 
     def mask(params: Any) -> Any:
+        _layout.check_not_number(params, "mask", also=_OR_STACK_AXES)
         return jax.tree_util.tree_map_with_path(
             lambda path, _: (regex.search(_layout.path_str(path)) is not None) == keep,
-            params,
+            _unboxed(params),
         )
 
     return mask
@@ -202,6 +244,8 @@ def all_of(*masks: Mask) -> MaskFn:
     """
 
     def mask(params: PyTree) -> PyTree:
+        _layout.check_not_number(params, "mask", also=_OR_STACK_AXES)
+        params = _unboxed(params)
         per_mask = [
             _layout.resolve_spec(
                 m, params, params, name="mask", is_value=_layout.is_mask_value
@@ -284,8 +328,12 @@ def stack_axes_from_partitions(
     {"out_sharding": ...}`` and the like on NNX layers), and the
     ``names`` of a Linen ``nn.Partitioned`` (or ``nn.LogicallyPartitioned``)
     box (``nn.with_partitioning``). A stacked variable without an annotation
-    records nothing and counts as not stacked: annotate every stacked
-    variable (a bias and a norm scale too), or give ``stack_axes`` by hand.
+    records nothing: annotate every stacked variable (a bias and a norm
+    scale too), or give ``stack_axes`` by hand. A variable without names
+    that sits next to stacked ones (under a common module path) with their
+    stack axes in front raises rather than silently count as not stacked;
+    one that is not stacked but happens to have such a shape is annotated
+    with names that do not start with ``partition_name``.
 
     **Which tree to read.** Flax keeps the metadata on its variable boxes,
     not on the arrays:
@@ -319,9 +367,15 @@ def stack_axes_from_partitions(
       partition names. Without ``tree``, a callable ``tree -> that tree``.
 
     Raises:
-      ValueError: no variable of ``tree`` records partition names, or a
+      ValueError: no variable of ``tree`` records partition names; a
         variable has ``partition_name`` at an axis after one that is not a
-        stack axis (the message names its path, shape and names).
+        stack axis (the message names its path, shape and names, and, where
+        the axes before it are named, says to list their names too:
+        ``partition_name=("stages", "layers")`` for stages around layers); or
+        a variable records no names but looks stacked: it shares a module
+        path with a stacked variable and has the same stack axes in front
+        (an unannotated ``nnx.Linear`` in the same ``nnx.vmap`` block; the
+        message names both).
       TypeError: ``partition_name`` is not a string or a tuple of strings,
         or ``tree`` is an NNX module (pass its ``nnx.state``).
 
@@ -357,11 +411,17 @@ def stack_axes_from_partitions(
             "nnx.state(model, nnx.Param), whose structure is that of the "
             "params tx.update sees."
         )
+    _layout.check_not_number(tree, "stack_axes")
     recorded = []
+    unnamed: list[tuple[str, tuple[int, ...]]] = []
+    stacked: list[tuple[str, tuple[int, ...], int]] = []
 
     def count(path: Any, node: Any) -> int:
+        where = _layout.path_str(path)
         spec = _recorded_names(node)
+        shape = _box_shape(node) if _is_box(node) else tuple(getattr(node, "shape", ()))
         if spec is None:
+            unnamed.append((where, shape))
             return 0
         recorded.append(path)
         lead = 0
@@ -373,13 +433,26 @@ def stack_axes_from_partitions(
             if isinstance(e, str) and e in names
         ]
         if late:
+            before = tuple(spec[: late[0]])
+            if all(isinstance(e, str) for e in before):
+                fix = (
+                    f"if the axes before it, named {before}, are stack axes too "
+                    f"(nested nnx.vmap/nnx.scan or nn.scan, stages around "
+                    f"layers, say), name them all: partition_name="
+                    f"{tuple(dict.fromkeys((*before, *sorted(names))))!r}"
+                )
+            else:
+                fix = (
+                    "stack axes come first (nnx.vmap/nnx.scan with out_axes=0, "
+                    "nn.scan with variable_axes={'params': 0})"
+                )
             raise ValueError(
                 f"The partition name {spec[late[0]]!r} is at axis {late[0]} of the "
-                f"leaf at {_layout.path_str(path) or '<root>'} (shape "
-                f"{_box_shape(node)}, partition names {spec}), after an axis that "
-                f"is not a stack axis: stack axes come first (nnx.vmap/nnx.scan "
-                f"with out_axes=0, nn.scan with variable_axes={{'params': 0}})."
+                f"leaf at {where or '<root>'} (shape {shape}, partition names "
+                f"{spec}), after an axis that is not a stack axis: {fix}."
             )
+        if lead:
+            stacked.append((where, shape[:lead], lead))
         return lead
 
     out = jax.tree_util.tree_map_with_path(count, tree, is_leaf=_is_box)
@@ -393,4 +466,47 @@ def stack_axes_from_partitions(
             "passes bare arrays to tx.update, so read it once from "
             "nnx.state(model, nnx.Param) and pass the tree as stack_axes."
         )
+    _check_unannotated(unnamed, stacked, names)
     return out
+
+
+def _check_unannotated(
+    unnamed: list[tuple[str, tuple[int, ...]]],
+    stacked: list[tuple[str, tuple[int, ...], int]],
+    names: frozenset[str],
+) -> None:
+    """Raises for a variable that records no names but looks stacked.
+
+    It shares a module path with a stacked variable whose stack axes it also
+    has in front (an unannotated ``nnx.Linear`` inside the same ``nnx.vmap``
+    block): counting it as not stacked would decay its stacked bias as a
+    matrix and mix its layers, with no warning.
+    """
+    for where, shape in unnamed:
+        keys = where.split("/")
+        best, best_common = None, 0
+        for other, sizes, lead in stacked:
+            if len(shape) < lead or shape[:lead] != sizes:
+                continue
+            common = 0
+            for a, b in zip(keys[:-1], other.split("/")[:-1], strict=False):
+                if a != b:
+                    break
+                common += 1
+            if common > best_common:
+                best, best_common = (other, sizes, lead), common
+        if best is not None:
+            other, sizes, lead = best
+            raise ValueError(
+                f"The variable at {where} (shape {shape}) records no partition "
+                f"names, but it sits in the same subtree as the stacked variable "
+                f"at {other} and has its {lead} stack "
+                f"ax{'i' if lead == 1 else 'e'}s of size {sizes} in front: it "
+                f"looks stacked, and reading it as not stacked would treat its "
+                f"layers as one tensor (a stacked bias as a matrix). Annotate it "
+                f"(nnx.with_partitioning, or bias_metadata/scale_metadata "
+                f"{{'out_sharding': ...}} on NNX layers; nn.with_partitioning for "
+                f"Linen) with {sorted(names)} first if it is stacked, or with "
+                f"names that do not start with it (None, ...) if it is not; or "
+                f"give stack_axes by hand."
+            )

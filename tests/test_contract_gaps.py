@@ -143,3 +143,31 @@ def test_unit_norm_lands_to_nearest_on_the_keras_array() -> None:
     assert np.max(np.abs(norms - 1)) <= 3e-6, np.max(np.abs(norms - 1))
     assert np.min(norms) < 1 < np.max(norms)  # both sides: rounded to nearest
     assert abs(np.mean(norms) - 1) <= 5e-7
+
+
+# ---------------------------------------------------------------------------
+# Issue 17: gradients at a Python float; an infinite target norm.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: nox.project_l2_ball(1.0), lambda: nox.project_l1_ball(1.0)],
+    ids=["project_l2_ball", "project_l1_ball"],
+)
+def test_grad_of_a_projection_at_a_python_float(make: Any) -> None:
+    tx = make()
+
+    def moved(x: Any) -> Any:
+        updates, _ = tx.update(0.0, optax.EmptyState(), x)
+        return optax.apply_updates(x, updates)
+
+    # Inside the ball the projection is the identity: derivative 1.
+    assert float(jax.grad(moved)(0.0)) == 1.0
+    assert float(jax.grad(moved)(0.5)) == 1.0
+
+
+@pytest.mark.parametrize("bad", [INF, -INF, math.nan, -1.0])
+def test_normalize_by_global_norm_needs_a_finite_norm(bad: float) -> None:
+    with pytest.raises(ValueError, match=r"norm must be finite and >= 0, got"):
+        nox.normalize_by_global_norm(bad)

@@ -35,6 +35,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -1006,3 +1007,267 @@ def test_traced_stack_axes_says_to_list_it_in_static_args() -> None:
     )
     out, _ = jax.jit(fixed.update)(params, fixed.init(params), params)
     chex.assert_shape(out["w"], (2, 3, 3))
+
+
+# ---------------------------------------------------------------------------
+# Every Equinox layer with a bias against its Flax-layout twin (issue 17.1):
+# Equinox's conv bias (out, 1, 1) is a vector, as the Flax bias (out,) is.
+# ---------------------------------------------------------------------------
+
+
+def _eqx_layers() -> dict[str, Any]:
+    keys = iter(jax.random.split(jax.random.key(3), 16))
+    layers = {
+        "linear": eqx.nn.Linear(3, 4, key=next(keys)),
+        "linear_in1": eqx.nn.Linear("scalar", 4, key=next(keys)),  # weight (4, 1)
+        "linear_out1": eqx.nn.Linear(3, "scalar", key=next(keys)),  # weight (1, 3)
+        "conv1d": eqx.nn.Conv1d(2, 4, 3, key=next(keys)),  # bias (4, 1)
+        "conv2d": eqx.nn.Conv2d(2, 4, 3, key=next(keys)),  # bias (4, 1, 1)
+        "conv3d": eqx.nn.Conv3d(2, 4, 2, key=next(keys)),  # bias (4, 1, 1, 1)
+        "conv2d_1x1_in1": eqx.nn.Conv2d(1, 4, 1, key=next(keys)),  # weight (4,1,1,1)
+        "conv_transpose2d": eqx.nn.ConvTranspose2d(2, 4, 3, key=next(keys)),
+        "attention": eqx.nn.MultiheadAttention(
+            2,
+            4,
+            use_query_bias=True,
+            use_key_bias=True,
+            use_value_bias=True,
+            use_output_bias=True,
+            key=next(keys),
+        ),
+        "layer_norm": eqx.nn.LayerNorm(5),
+        "embedding": eqx.nn.Embedding(6, 3, key=next(keys)),
+    }
+    params = eqx.filter(layers, eqx.is_inexact_array)
+    # Values of every size, so that many units exceed the max-norm limit.
+    leaves, treedef = jax.tree.flatten(params)
+    scaled = [
+        2.0 * jax.random.normal(k, x.shape, x.dtype)
+        for k, x in zip(jax.random.split(next(keys), len(leaves)), leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, scaled)
+
+
+def _to_flax(tree: Any, like: Any = None) -> dict[str, Any]:
+    """The Flax layout: kernels (*kernel, in, out), biases (out,), LayerNorm scale.
+
+    ``tree`` has the structure of the Equinox params ``like`` (itself by
+    default); its leaves are moved as the params' are (masks just renamed).
+    """
+    out: dict[str, Any] = {}
+    flat = jax.tree_util.tree_flatten_with_path(tree if like is None else like)[0]
+    for (path, ref), x in zip(flat, jax.tree.leaves(tree), strict=True):
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        layer, name = "/".join(keys[:-1]), keys[-1]
+        move = jnp.ndim(x) == ref.ndim
+        if name == "bias":
+            x = x.reshape(ref.shape[:1]) if move else x
+        elif name == "weight" and ref.ndim >= 2 and layer != "embedding":
+            x = x.transpose(*range(2, ref.ndim), 1, 0) if move else x
+            name = "kernel"
+        elif name == "weight":
+            name = "embedding" if ref.ndim == 2 else "scale"
+        out.setdefault(layer, {})[name] = x
+    return out
+
+
+@pytest.mark.standard_promotion
+def test_equinox_layers_equal_their_flax_layout_twins() -> None:
+    eqx_params = _eqx_layers()
+    flax_params = _to_flax(eqx_params)
+    grads = jax.tree.map(lambda x: 0.1 * jnp.cos(x), eqx_params)
+    flax_grads = _to_flax(grads)
+    # What a matrix is: the same leaves in both layouts (biases never).
+    want_mask = nox.masks.matrices_only(flax_params)
+    assert _to_flax(nox.masks.matrices_only(eqx_params), eqx_params) == want_mask
+    assert not any(
+        want_mask[layer]["bias"] for layer in want_mask if "bias" in want_mask[layer]
+    )
+    assert want_mask["linear_in1"]["kernel"]
+    assert want_mask["conv2d_1x1_in1"]["kernel"]
+    assert want_mask["embedding"]["embedding"]
+
+    def run(axis: Any, params: Any, g: Any) -> list[Any]:
+        embedding = nox.masks.exclude_path("^embedding/")  # its units are rows
+        txs = [
+            optax.chain(optax.sgd(0.1), nox.max_norm(1.0, axis, mask=embedding)),
+            optax.adamw(0.1, weight_decay=0.5, mask=nox.masks.matrices_only),
+            nox.unit_norm(axis, mask=embedding),
+            nox.prox_group_l1(2.0, 0.5, axis, mask=embedding),
+        ]
+        return [
+            optax.apply_updates(params, tx.update(g, tx.init(params), params)[0])
+            for tx in txs
+        ]
+
+    got = jax.jit(functools.partial(run, "out_first"))(eqx_params, grads)
+    want = jax.jit(functools.partial(run, None))(flax_params, flax_grads)
+    for g, w in zip(got, want, strict=True):
+        chex.assert_trees_all_close(_to_flax(g), w, rtol=1e-5, atol=1e-6)
+    # The conv biases are one unit each: max_norm scales the whole vector.
+    for layer in ("conv1d", "conv2d", "conv3d", "conv_transpose2d"):
+        assert float(jnp.linalg.norm(want[0][layer]["bias"])) == pytest.approx(
+            1.0, rel=1e-5
+        )
+
+
+# ---------------------------------------------------------------------------
+# stack_axes_from_partitions: unannotated stacked variables, nested stacks
+# (issue 17.5 and 17.8).
+# ---------------------------------------------------------------------------
+
+
+class NnxMixedBlock(nnx.Module):
+    """An annotated Linear and, in the same block, an unannotated one."""
+
+    def __init__(self, rngs: nnx.Rngs, *, annotate_mlp: bool = False) -> None:
+        def names(*axes: str | None) -> dict[str, Any]:
+            return {"out_sharding": axes}
+
+        self.attn = nnx.Linear(
+            4,
+            4,
+            kernel_metadata=names(None, "model"),
+            bias_metadata=names("model"),
+            rngs=rngs,
+        )
+        mlp = names if annotate_mlp else lambda *axes: {}
+        self.mlp = nnx.Linear(
+            4,
+            4,
+            kernel_metadata=mlp(None, "model"),
+            bias_metadata=mlp("model"),
+            rngs=rngs,
+        )
+
+
+def _mixed_stack(*, annotate_mlp: bool) -> Any:
+    @nnx.split_rngs(splits=L)
+    @nnx.vmap(
+        in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"}
+    )
+    def make(rngs: nnx.Rngs) -> NnxMixedBlock:
+        return NnxMixedBlock(rngs, annotate_mlp=annotate_mlp)
+
+    with nnx.use_eager_sharding(False):
+        rngs = nnx.Rngs(0)
+        return {"blocks": nnx.state(make(rngs), nnx.Param)}
+
+
+def test_helper_refuses_an_unannotated_variable_in_a_stacked_block() -> None:
+    state = _mixed_stack(annotate_mlp=False)
+    assert state["blocks"]["mlp"]["bias"].shape == (L, 4)  # stacked, no names
+    with pytest.raises(
+        ValueError,
+        match=rf"blocks/mlp/\w+ \(shape \({L}, 4.*records no partition names.*"
+        "stacked variable at blocks/attn/",
+    ):
+        nox.masks.stack_axes_from_partitions(state)
+    annotated = nox.masks.stack_axes_from_partitions(_mixed_stack(annotate_mlp=True))
+    assert jax.tree.leaves(annotated) == [1, 1, 1, 1]
+
+
+def test_helper_unannotated_neighbour_escape_and_unrelated_leaves() -> None:
+    stacked: Any = nn.Partitioned(jnp.ones((3, 4, 5)), ("layers", None, "mlp"))
+    # Not stacked, but its first axis happens to be 3: names say so.
+    named: Any = nn.Partitioned(jnp.ones((3, 5)), (None, "mlp"))
+    assert nox.masks.stack_axes_from_partitions(
+        {"block": {"kernel": stacked, "table": named}, "head": jnp.ones((3, 2))}
+    ) == {"block": {"kernel": 1, "table": 0}, "head": 0}
+    with pytest.raises(ValueError, match=r"block/table .*looks stacked"):
+        nox.masks.stack_axes_from_partitions(
+            {"block": {"kernel": stacked, "table": jnp.ones((3, 5))}}
+        )
+
+
+def test_helper_says_to_name_every_stack_of_nested_stacks() -> None:
+    # vmap("stages") around vmap("layers"): the names are (stages, layers, ...).
+    boxed: dict[str, Any] = {
+        "stages": {
+            "kernel": nn.Partitioned(
+                jnp.ones((2, 3, 4, 5)), ("stages", "layers", None, "mlp")
+            )
+        }
+    }
+    with pytest.raises(
+        ValueError, match=re.escape("partition_name=('stages', 'layers')")
+    ):
+        nox.masks.stack_axes_from_partitions(boxed)
+    assert nox.masks.stack_axes_from_partitions(
+        boxed, partition_name=("stages", "layers")
+    ) == {"stages": {"kernel": 2}}
+
+
+@pytest.mark.slow
+def test_helper_on_nested_nnx_vmaps() -> None:
+    @nnx.split_rngs(splits=2)
+    @nnx.vmap(
+        in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "stages"}
+    )
+    def stage(rngs: nnx.Rngs) -> NnxMixedBlock:
+        @nnx.split_rngs(splits=L)
+        @nnx.vmap(
+            in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"}
+        )
+        def make(rngs: nnx.Rngs) -> NnxMixedBlock:
+            return NnxMixedBlock(rngs, annotate_mlp=True)
+
+        return make(rngs)
+
+    with nnx.use_eager_sharding(False):
+        state = nnx.state(stage(nnx.Rngs(0)), nnx.Param)
+    kernel: Any = state["attn"]["kernel"]
+    assert kernel.get_metadata()["out_sharding"] == (
+        "stages",
+        "layers",
+        None,
+        "model",
+    )
+    with pytest.raises(
+        ValueError, match=re.escape("partition_name=('stages', 'layers')")
+    ):
+        nox.masks.stack_axes_from_partitions(state)
+    stack = nox.masks.stack_axes_from_partitions(
+        state, partition_name=("stages", "layers")
+    )
+    assert jax.tree.leaves(stack) == [2, 2, 2, 2]
+
+
+# ---------------------------------------------------------------------------
+# stack_axes checked at construction (issue 17.11).
+# ---------------------------------------------------------------------------
+
+CONSTRUCT: dict[str, Callable[[Any], Any]] = {
+    "clip_by_norm": lambda s: nox.clip_by_norm(1.0, stack_axes=s),
+    "adaptive_clip": lambda s: nox.adaptive_clip(0.05, stack_axes=s),
+    "max_norm": lambda s: nox.max_norm(1.0, stack_axes=s),
+    "unit_norm": lambda s: nox.unit_norm(stack_axes=s),
+    "min_max_norm": lambda s: nox.min_max_norm(0.5, 1.0, stack_axes=s),
+    "prox_group_l1": lambda s: nox.prox_group_l1(1.0, 0.5, stack_axes=s),
+    "clip_spectral_norm": lambda s: _spectral(stack_axes=s),
+    "matrices_only": lambda s: nox.masks.matrices_only(stack_axes=s),
+}
+"""Every public constructor with ``stack_axes`` (the norms compute at once)."""
+
+
+def test_every_constructor_with_stack_axes_is_checked() -> None:
+    assert set(CONSTRUCT) == set(OP_NAMES) - {"leaf_norms", "unit_norms"}
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "match"),
+    [
+        (-1, ValueError, r"stack_axes must be >= 0, got -1"),
+        ({"kernel": 1, "bias": -2}, ValueError, r"got -2 at bias"),
+        (1.0, TypeError, r"stack_axes must be an int >= 0 .*got 1\.0"),
+    ],
+    ids=["negative", "negative_leaf", "float"],
+)
+@pytest.mark.parametrize("name", sorted(CONSTRUCT))
+def test_bad_stack_axes_raise_at_construction(
+    name: str, bad: Any, error: type[Exception], match: str
+) -> None:
+    if name == "clip_spectral_norm":
+        _needs(next(op for op in OPS if op.name == name))
+    with pytest.raises(error, match=match):
+        CONSTRUCT[name](bad)

@@ -178,7 +178,10 @@ def test_nnx_state_params(pure: bool) -> None:
         ),
     ):
         mask = selector(params)
-        chex.assert_trees_all_equal_structs(mask, params)
+        # Plain bools at the array leaves, boxed state or not (the params
+        # nnx.Optimizer passes to tx.update are nnx.as_pure of the state).
+        chex.assert_trees_all_equal_structs(mask, nnx.as_pure(state))
+        assert all(type(m) is bool for m in jax.tree.leaves(mask))
         assert _flat(mask) == want  # no trailing "value" in the paths
 
 
@@ -262,3 +265,163 @@ def test_masked_out_leaves_pass_unchanged(case: Case, as_callable: bool) -> None
     if case.factory not in (nox.project_l1_ball, nox.project_l2_ball):
         # Leafwise transforms: the selected leaf is as without a mask.
         chex.assert_trees_all_close(out["conv"], unmasked["conv"], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# Issue 17: a selector used as a schedule, boxed NNX states, mask values.
+# --------------------------------------------------------------------------
+
+_INJECTED = {
+    "add_l2_decay_matrices_only": lambda: optax.inject_hyperparams(nox.add_l2_decay)(
+        coeff=0.1, mask=masks.matrices_only
+    ),
+    "max_norm_by_path": lambda: optax.inject_hyperparams(nox.max_norm)(
+        max_value=1.0, mask=masks.by_path("kernel")
+    ),
+    "max_norm_exclude_path": lambda: optax.inject_hyperparams(nox.max_norm)(
+        max_value=1.0, mask=masks.exclude_path("bias")
+    ),
+    "max_norm_all_of": lambda: optax.inject_hyperparams(nox.max_norm)(
+        max_value=1.0, mask=masks.all_of(masks.matrices_only)
+    ),
+    "max_norm_stack_axes_by_path": lambda: optax.inject_hyperparams(nox.max_norm)(
+        max_value=1.0, stack_axes=masks.by_path("layers")
+    ),
+    "max_norm_stack_axes_from_partitions": lambda: optax.inject_hyperparams(
+        nox.max_norm
+    )(max_value=1.0, stack_axes=masks.stack_axes_from_partitions()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_INJECTED))
+def test_callable_spec_not_in_static_args_raises_at_init(name: str) -> None:
+    # inject_hyperparams calls it with the step count: it would select nothing.
+    params = {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}
+    tx = _INJECTED[name]()
+    argument = "stack_axes" if "stack_axes" in name else "mask"
+    with pytest.raises(TypeError, match=rf"{argument}.*static_args") as info:
+        tx.init(params)
+    assert f"list {argument!r}" in str(info.value) or "'stack_axes'" in str(info.value)
+
+
+@pytest.mark.standard_promotion
+def test_callable_mask_in_static_args_decays_the_matrices() -> None:
+    params = {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}
+    tx = optax.inject_hyperparams(nox.add_l2_decay, static_args=("mask",))(
+        coeff=0.1, mask=masks.matrices_only
+    )
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    out, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+    np.testing.assert_allclose(out["kernel"], 0.1)
+    np.testing.assert_array_equal(out["bias"], 0.0)
+
+
+@pytest.mark.parametrize(
+    "count",
+    [0, np.int32(3), jnp.asarray(5, jnp.int32)],
+    ids=["int", "numpy", "jax"],
+)
+def test_selectors_given_a_step_count_raise(count: Any) -> None:
+    for selector in (
+        masks.matrices_only,
+        masks.by_path("kernel"),
+        masks.exclude_path("bias"),
+        masks.all_of(masks.matrices_only),
+        masks.matrices_only(stack_axes=1),
+    ):
+        with pytest.raises(TypeError, match=r"list 'mask'.*in static_args"):
+            selector(count)
+    with pytest.raises(TypeError, match=r"list 'stack_axes' in static_args"):
+        masks.stack_axes_from_partitions(count)
+    # Traced, as in update under jit.
+    with pytest.raises(TypeError, match=r"static_args"):
+        jax.jit(masks.matrices_only)(count)
+
+
+@pytest.mark.parametrize("argument", ["mask", "axis", "stack_axes"])
+def test_a_bare_array_spec_says_to_list_it_in_static_args(argument: str) -> None:
+    # What inject_hyperparams makes of a number not in static_args.
+    value = {"mask": jnp.asarray(0.5), "axis": jnp.asarray(0), "stack_axes": 1}
+    tx = optax.inject_hyperparams(nox.max_norm)(
+        max_value=1.0, **{argument: value[argument]}
+    )
+    params = {"kernel": jnp.ones((2, 2, 3))}
+    with pytest.raises(TypeError, match=rf"{argument} is structural.*static_args"):
+        tx.init(params)
+
+
+def _boxed_model_state() -> tuple[_Model, Any]:
+    model = _Model(nnx.Rngs(0))
+    return model, nnx.state(model, nnx.Param)
+
+
+@pytest.mark.standard_promotion
+def test_mask_tree_from_a_boxed_state_works_inside_nnx_optimizer() -> None:
+    model, state = _boxed_model_state()
+    before = nnx.as_pure(state)
+    mask = masks.matrices_only(state)  # a tree, computed once from the boxes
+    assert all(type(m) is bool for m in jax.tree.leaves(mask))
+    decay = 0.1
+    tx = optax.chain(
+        optax.adamw(1e-2, weight_decay=decay, mask=mask),
+        nox.add_l2_decay(decay, mask=mask),
+    )
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x = jnp.ones((3, 4), jnp.float32)
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    updates = optimizer.update(model, grads)
+    # The same step with plain optax on the pure arrays and a hand-made mask.
+    want_mask = jax.tree.map(lambda p: p.ndim >= 2, before)
+    plain = optax.adamw(1e-2, weight_decay=decay, mask=want_mask)
+    pure_grads = nnx.as_pure(nnx.state(grads, nnx.Param))
+    adamw, _ = plain.update(pure_grads, plain.init(before), before)
+    want = jax.tree.map(
+        lambda u, p, m: u + decay * p if m else u, adamw, before, want_mask
+    )
+    chex.assert_trees_all_close(updates, want, rtol=1e-6, atol=1e-8)
+
+
+def test_a_boxed_mask_tree_names_the_fix() -> None:
+    model, state = _boxed_model_state()
+    boxed = jax.tree.map(lambda p: p.ndim >= 2, state)  # Param(value=...) leaves
+    optimizer = nnx.Optimizer(model, nox.add_l2_decay(0.1, mask=boxed), wrt=nnx.Param)
+    grads = jax.tree.map(jnp.zeros_like, state)
+    with pytest.raises(ValueError, match=r"Flax variable boxes.*norm_optax.masks"):
+        optimizer.update(model, grads)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        {"kernel": jnp.array(True), "bias": jnp.array(False)},
+        {"kernel": 1, "bias": 0},
+        {"kernel": np.int32(1), "bias": np.bool_(False)},
+        {"kernel": jnp.array(1), "bias": jnp.array(0)},
+    ],
+    ids=["jax_bools", "ints", "numpy", "jax_ints"],
+)
+def test_mask_values_optax_accepts(mask: Any) -> None:
+    params = {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    ours = nox.add_l2_decay(1.0, mask=mask)
+    theirs = optax.add_decayed_weights(1.0, mask=mask)
+    out, _ = ours.update(zeros, ours.init(params), params)
+    want, _ = theirs.update(zeros, theirs.init(params), params)
+    chex.assert_trees_all_equal(out, want)
+    np.testing.assert_array_equal(out["kernel"], 1.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mask": {"kernel": 2, "bias": 0}}, r"mask must be True or False.*got 2"),
+        ({"mask": {"kernel": 0.5, "bias": 0}}, r"mask must be True or False.*0\.5"),
+        ({"stack_axes": 1.0}, r"stack_axes must be an int >= 0.*got 1\.0"),
+        ({"stack_axes": {"kernel": 1.5, "bias": 0}}, r"got 1\.5 .*at kernel"),
+        ({"axis": 1.0}, r"axis must be None, an int.*got 1\.0"),
+    ],
+    ids=["int_2", "float_mask", "float_stack", "float_stack_leaf", "float_axis"],
+)
+def test_a_wrong_value_says_what_is_expected(kwargs: Any, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        nox.max_norm(1.0, **kwargs)  # at construction

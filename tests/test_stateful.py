@@ -444,3 +444,43 @@ def test_sizes_must_be_ints(bad: Any) -> None:
         nox.autoclip(history=bad)
     with pytest.raises(TypeError, match="window"):
         nox.skip_on_spike(optax.sgd(1.0), window=bad)
+
+
+# ---------------------------------------------------------------------------
+# Issue 17: a transform where a transform belongs; two record_norms.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "name", "hint"),
+    [
+        (lambda: nox.record_norms(optax.adam), "record_norms", "the function adam"),
+        (lambda: nox.skip_on_spike(lambda g: g), "skip_on_spike", "call it"),
+        (lambda: nox.record_norms(None), "record_norms", "got None"),
+    ],
+    ids=["uncalled_factory", "function", "none"],
+)
+def test_inner_that_is_not_a_transform_raises_type_error(
+    make: Any, name: str, hint: str
+) -> None:
+    with pytest.raises(TypeError, match=rf"{name}: inner must be an optax") as info:
+        make()
+    assert hint in str(info.value)
+
+
+@pytest.mark.standard_promotion
+def test_two_record_norms_in_one_chain_are_read_by_path() -> None:
+    tx = optax.chain(
+        nox.record_norms(nox.clip_by_global_norm(1.0)),
+        nox.record_norms(optax.sgd(0.1)),
+    )
+    g = {"w": jnp.array([3.0, 4.0])}
+    _, state = jax.jit(tx.update)(g, tx.init(g))
+    with pytest.raises(KeyError):
+        optax.tree.get(state, "input_norm")  # ambiguous, as optax says
+    found = optax.tree.get_all_with_path(state, "input_norm")
+    assert [float(v) for _, v in found] == [5.0, 1.0]  # chain order
+    # The docstring says how (and its example runs with the doctests).
+    doc = nox.record_norms.__doc__ or ""
+    assert "optax.tree.get_all_with_path" in doc
+    assert "KeyError" in doc
