@@ -13,7 +13,9 @@ outputs (``nb_execution_mode = "off"``; the tests execute them).
 
 from __future__ import annotations
 
+import base64
 import inspect
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -227,7 +229,36 @@ def _copy_notebooks() -> None:
             shutil.copyfile(source, copy)
 
 
+def _thumbnails() -> None:
+    """The first plot of each notebook's stored outputs, for the gallery.
+
+    Written to ``docs/images/notebooks/NAME.png`` (git-ignored), so a new
+    notebook gets its thumbnail from its own outputs: ``gallery.md`` needs
+    only its card.
+    """
+    target = DOCS / "images" / "notebooks"
+    target.mkdir(parents=True, exist_ok=True)
+    for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(notebook.read_text())["cells"]
+        images = [
+            output["data"]["image/png"]
+            for cell in cells
+            if cell["cell_type"] == "code"
+            for output in cell.get("outputs", [])
+            if "image/png" in output.get("data", {})
+        ]
+        thumbnail = target / f"{notebook.stem}.png"
+        if not images:
+            logger.warning("notebook %s has no plot for its thumbnail", notebook.name)
+            continue
+        data = images[0]
+        png = base64.b64decode("".join(data) if isinstance(data, list) else data)
+        if not thumbnail.exists() or thumbnail.read_bytes() != png:
+            thumbnail.write_bytes(png)
+
+
 _copy_notebooks()
+_thumbnails()
 # Generated afresh by autosummary on every build, so that a name taken off a
 # topic page leaves no stale page behind.
 shutil.rmtree(DOCS / "api" / "_autosummary", ignore_errors=True)
