@@ -98,9 +98,9 @@ def clip_by_norm(
 
     Each leaf (each parameter tensor) is clipped on its own, so the relative
     size of leaves changes; :func:`clip_by_global_norm` keeps it. With
-    ``stack_axes`` (stacked layers, API.md section 6) each layer's slice of a
-    leaf is clipped by its own norm: a ``(L, in, out)`` kernel with
-    ``stack_axes=1`` is ``L`` tensors, not one.
+    ``stack_axes`` (stacked layers, see :doc:`Layouts </layouts>`) each
+    layer's slice of a leaf is clipped by its own norm: a ``(L, in, out)``
+    kernel with ``stack_axes=1`` is ``L`` tensors, not one.
 
     Place it before the optimizer:
     ``optax.chain(nox.clip_by_norm(1.0), optax.adam(1e-3))``.
@@ -316,8 +316,8 @@ def adaptive_clip(
         callable ``params -> tree``; leaves marked ``False`` pass unchanged.
         Under :func:`optax.inject_hyperparams` a callable mask must be listed
         in ``static_args``.
-      stack_axes: how many leading axes index stacked layers (API.md
-        section 6), each with its own units: ``None`` (none), an int for
+      stack_axes: how many leading axes index stacked layers (see
+        :doc:`Layouts </layouts>`), each with its own units: ``None`` (none), an int for
         every leaf, a tree of ints or bools matching the params, or a
         callable ``params -> tree`` such as ``nox.masks.by_path("layers/")``.
 

@@ -11,7 +11,8 @@ tree). A spec tree may also be a *prefix* of the updates (as in
 :func:`optax.masked`): a value at an inner node applies to the subtree.
 
 :func:`unit_axes` turns a leaf's shape, its number of stack axes ``s`` and its
-``axis`` value into the axes a unit reduces over (API.md sections 1 and 6):
+``axis`` value into the axes a unit reduces over (the conventions of the
+Norms and :doc:`Layouts </layouts>` pages):
 
 * the first ``s`` axes index independent layers and are never reduced;
 * ``axis=None`` is the Flax convention on the other axes: every axis but the

@@ -89,8 +89,8 @@ def clip_weights(
 
     The box constraint of the WGAN critic. Elements already inside keep their
     update unchanged. Complex parameters have their real and imaginary parts
-    clipped separately. See the module notes on rounding: after
-    ``optax.apply_updates`` every element is in the box, in every dtype.
+    clipped separately. After ``optax.apply_updates`` every element is in the
+    box, in every dtype (see :ref:`rounding` on the Weight projections page).
 
     Place it last, after the learning rate:
     ``optax.chain(optax.rmsprop(5e-5), nox.clip_weights(0.01))``.
@@ -276,8 +276,8 @@ def max_norm(
     (the incoming weights of a neuron, as in Srivastava et al.), one per
     output channel of a Conv kernel, the whole array for biases and scalars
     (use ``mask`` to leave those free). Units under the limit keep their
-    update; units over it are scaled onto it (aimed a few ulps inside, see the
-    module notes). A NaN or infinite unit norm makes the unit NaN.
+    update; units over it are scaled onto it (aimed a few ulps inside, see
+    :ref:`rounding`). A NaN or infinite unit norm makes the unit NaN.
 
     Place it last, after the learning rate:
     ``optax.chain(optax.sgd(0.1, momentum=0.9), nox.max_norm(3.0))``.
@@ -293,8 +293,8 @@ def max_norm(
         callable ``params -> tree`` such as
         :func:`norm_optax.masks.matrices_only`; leaves marked ``False`` pass
         unchanged.
-      stack_axes: how many leading axes index stacked layers (API.md
-        section 6), each with its own units: ``None`` (none), an int for
+      stack_axes: how many leading axes index stacked layers (see
+        :doc:`Layouts </layouts>`), each with its own units: ``None`` (none), an int for
         every leaf, a tree of ints or bools matching the params, or a
         callable ``params -> tree`` such as ``nox.masks.by_path("layers/")``.
 
@@ -359,8 +359,8 @@ def unit_norm(
         pass it in ``static_args`` (or as a tuple).
       mask: a tree of bools matching the params (or a prefix of it), or a
         callable ``params -> tree``; leaves marked ``False`` pass unchanged.
-      stack_axes: how many leading axes index stacked layers (API.md
-        section 6), each with its own units: ``None`` (none), an int for
+      stack_axes: how many leading axes index stacked layers (see
+        :doc:`Layouts </layouts>`), each with its own units: ``None`` (none), an int for
         every leaf, a tree of ints or bools matching the params, or a
         callable ``params -> tree`` such as ``nox.masks.by_path("layers/")``.
 
@@ -440,8 +440,8 @@ def min_max_norm(
         pass it in ``static_args`` (or as a tuple).
       mask: a tree of bools matching the params (or a prefix of it), or a
         callable ``params -> tree``; leaves marked ``False`` pass unchanged.
-      stack_axes: how many leading axes index stacked layers (API.md
-        section 6), each with its own units: ``None`` (none), an int for
+      stack_axes: how many leading axes index stacked layers (see
+        :doc:`Layouts </layouts>`), each with its own units: ``None`` (none), an int for
         every leaf, a tree of ints or bools matching the params, or a
         callable ``params -> tree`` such as ``nox.masks.by_path("layers/")``.
 

@@ -140,7 +140,7 @@ def prox_group_l1(
 
     Units follow the Flax kernel convention (``axis=None``), the
     PyTorch/Equinox one (``axis="out_first"``) or the axes given; with
-    ``stack_axes`` each stacked layer has its own units (API.md section 6).
+    ``stack_axes`` each stacked layer has its own units (see :doc:`Layouts </layouts>`).
     Biases and norm scales are usually left out with ``mask``. A NaN or
     infinite unit norm makes the unit NaN.
 

@@ -14,7 +14,7 @@ everything else:
   :func:`norm_optax._numerics.land`), ``u`` itself where the target leaves
   ``p + u`` alone.
 
-Both own the update-time contract of API.md sections 2-4: ``params`` present
+Both own the update-time contract that every transform shares: ``params`` present
 and matching ``updates`` (one message), ``mask``/``axis``/``stack_axes``
 resolved per leaf (values, trees or callables, see ``_layout``), leaves that
 are not inexact or are masked out passed through, hyper-parameters from their

@@ -17,8 +17,9 @@ numbers mix freely in JAX code.
   ``>= 0`` for every leaf, a tree of ints or bools matching the tree, or a
   callable returning one.
 
-And the two dtype rules of API.md section 1: which leaves take part
-(:func:`is_inexact`) and what they accumulate in (:func:`accumulation_dtype`).
+And the two dtype rules of the norms (the Norms page of the docs): which
+leaves take part (:func:`is_inexact`) and what they accumulate in
+(:func:`accumulation_dtype`).
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def matrices_only(params: PyTree = None, *, stack_axes: StackAxes = None) -> Any
     ``(out, 1)``, a Flax ``Dense`` kernel ``(1, out)`` or ``(in, 1)`` is a
     matrix. (The per-unit transforms read units the same way.)
 
-    **Stacked layers.** With ``stack_axes`` (API.md section 6) the first
+    **Stacked layers.** With ``stack_axes`` (see :doc:`Layouts </layouts>`) the first
     ``s`` axes of a leaf index layers and do not count: a leaf is a matrix
     when ``ndim - s >= 2``, so a stacked bias or LayerNorm scale
     ``(layers, features)`` is not decayed while a stacked kernel
@@ -318,7 +318,7 @@ def stack_axes_from_partitions(
     ``transform_metadata={nnx.PARTITION_NAME: "layers"}``, or with Linen's
     ``nn.scan(..., metadata_params={nn.PARTITION_NAME: "layers"})``, has its
     layer axis named ``"layers"`` in each variable's partition names. This
-    reads them, so the number of stack axes (API.md section 6) need not be
+    reads them, so the number of stack axes (see :doc:`Layouts </layouts>`) need not be
     repeated: each leaf gets the number of its *leading* axes named
     ``partition_name``.
 

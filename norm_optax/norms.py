@@ -97,7 +97,7 @@ def leaf_norms(
     wider). ``None`` and :class:`optax.MaskedNode` stay as they are; integer,
     bool and ``float0`` leaves, which have no norm, become ``None``.
 
-    **Stacked layers.** With ``stack_axes`` (API.md section 6) the first
+    **Stacked layers.** With ``stack_axes`` (see :doc:`Layouts </layouts>`) the first
     ``s`` axes of a leaf index independent layers (``nnx.vmap``/``nnx.scan``,
     Linen ``nn.scan``, a ``lax.scan`` over a leading ``layers`` axis), and the
     leaf gets one norm per layer: a ``(L, in, out)`` kernel with ``s = 1``

@@ -1,18 +1,25 @@
 """The documentation site: every public name has a page, every link resolves.
 
-Two fast checks run by default:
+Fast checks run by default:
 
 * every name in ``norm_optax.__all__`` and ``norm_optax.masks.__all__`` is
   listed on a topic page of ``docs/api/`` (adding a public name means adding
   one line to an ``autosummary`` list there), and nothing listed is stale;
-* every ``python`` code block of the guides and API pages runs as written.
+* every ``python`` code block of the guides and API pages runs as written;
+* the lists that drift: the API index names every public name, the Stateful
+  page every transform with a state, the README and the home page's gallery
+  every notebook (and the README says how many); user-facing text never
+  cites the internal contract file.
 
 ``test_site_builds`` (marked ``docs``, left out of the default run; ``.ci/run``
 runs it as its own step, with the ``docs`` extra installed) builds the site
 with ``-W --keep-going`` into a temporary folder, so any Sphinx warning
 (a broken cross-reference, a missing page, a docstring that does not parse)
 fails it, then checks the result: each public name has its page in the
-object inventory, every relative link and anchor of every page exists, the
+object inventory, every relative link and anchor of every page exists, every
+link into the repository (the "view/edit this page" buttons) names a tracked
+file, the lists generated from the signatures name every function that takes
+the argument, no page cites the internal contract file, the
 maths is there for MathJax and the notebooks are rendered with their outputs.
 """
 
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import html.parser
 import importlib
+import inspect
 import pathlib
 import re
 import subprocess
@@ -38,6 +46,11 @@ NOT_OBJECTS = {"__version__", "masks"}
 # Pages whose code is run elsewhere (the migration guide, by test_migrating)
 # or is made of fragments (scaling_out.md continues the README's examples).
 NOT_RUN = {"guides/migrating.md", "scaling_out.md"}
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+REPOSITORY = "https://github.com/norm-optax/norm_optax"
+# The internal contract file: the docs say what it says, never cite it.
+INTERNAL = re.compile(r"API\.md|module notes")
+NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve"
 
 
 def public_names() -> set[str]:
@@ -82,6 +95,80 @@ def test_every_public_name_is_on_a_topic_page() -> None:
     assert not problems, "public names without a page:\n" + "\n".join(problems)
 
 
+def public_functions_taking(argument: str) -> list[str]:
+    """Full names of the public functions whose signature has ``argument``."""
+    return sorted(
+        name
+        for name in public_names()
+        if inspect.isfunction(obj := _resolve(name))
+        and argument in inspect.signature(obj).parameters
+    )
+
+
+def _resolve(name: str) -> object:
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def test_api_index_names_every_public_name() -> None:
+    text = (API / "index.md").read_text()
+    missing = sorted(
+        name
+        for name in public_names()
+        if not re.search(rf"\b{re.escape(name.rpartition('.')[2])}\b", text)
+    )
+    assert not missing, (
+        f"docs/api/index.md does not name {missing}: add them to its table"
+    )
+
+
+def test_stateful_page_lists_every_transform_with_a_state() -> None:
+    from tests.cases import CASES
+
+    stateful = {case.factory.__name__ for case in CASES if not case.stateless}
+    text = (API / "stateful.md").read_text()
+    missing = sorted(name for name in stateful if not re.search(rf"\b{name}\b", text))
+    assert stateful, "tests/cases.py has no stateful case"
+    assert not missing, (
+        f"transforms with a state that docs/api/stateful.md does not name: {missing}"
+    )
+
+
+def test_every_notebook_is_in_the_readme_and_the_gallery() -> None:
+    count = len(NOTEBOOKS)
+    readme = (ROOT / "README.md").read_text()
+    documentation = readme.partition("## Documentation")[2].partition("\n## ")[0]
+    said = re.findall(rf"\b({NUMBERS.replace(' ', '|')}|\d+) notebooks", documentation)
+    assert said == [NUMBERS.split()[count]], (
+        f"README's Documentation section says {said} notebooks; there are {count}"
+    )
+    gallery = (DOCS / "gallery.md").read_text()
+    for notebook in NOTEBOOKS:
+        assert f"notebooks/{notebook.stem}.ipynb" in readme, notebook.name
+        assert f"notebooks/{notebook.stem}" in gallery, (
+            f"{notebook.name} has no card in docs/gallery.md"
+        )
+
+
+def test_user_facing_text_never_cites_the_internal_contract() -> None:
+    texts = [
+        *DOCS.rglob("*.md"),
+        *(ROOT / "norm_optax").rglob("*.py"),
+        *NOTEBOOKS,
+        ROOT / "notebooks" / "build.py",
+        ROOT / "README.md",
+        ROOT / "CHANGELOG.md",
+    ]
+    cited = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in texts
+        if "_build" not in path.parts
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if INTERNAL.search(line)
+    ]
+    assert not cited, "say what the contract says instead:\n" + "\n".join(cited)
+
+
 def code_blocks() -> list[tuple[str, int, str]]:
     blocks = []
     for page in sorted(DOCS.rglob("*.md")):
@@ -113,6 +200,7 @@ class _Links(html.parser.HTMLParser):
         super().__init__()
         self.ids: set[str] = set()
         self.links: list[str] = []
+        self.external: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         values = dict(attrs)
@@ -122,6 +210,8 @@ class _Links(html.parser.HTMLParser):
             link = values.get(key)
             if link and not re.match(r"^([a-z]+:|//|#$)", link):
                 self.links.append(link)
+            elif link and link.startswith("https://"):
+                self.external.append(link)
 
 
 @pytest.mark.docs
@@ -171,6 +261,52 @@ def test_site_builds(tmp_path: pathlib.Path) -> None:
                 if url.fragment not in ids:
                     broken.append(f"{page.relative_to(out)}: {link} (no such anchor)")
     assert not broken, "broken internal links:\n" + "\n".join(sorted(set(broken)))
+
+    # Links into the repository (view/edit buttons, links to source files)
+    # must name a file that a clone has: tracked, not a build output.
+    into_repo = {
+        (page.relative_to(out).as_posix(), link)
+        for page, parsed in pages.items()
+        for link in parsed.external
+        if link.startswith(REPOSITORY + "/")
+    }
+    assert into_repo, "no page links into the repository: the buttons are gone"
+    missing_files = []
+    for page_name, link in sorted(into_repo):
+        match = re.match(rf"{REPOSITORY}/(?:blob|edit|tree)/[^/]+/([^?#]*)", link)
+        if match is None:
+            continue  # the repository's home, its issues, ...
+        path = ROOT / urllib.parse.unquote(match.group(1))
+        ignored = subprocess.run(
+            ["git", "check-ignore", "-q", str(path)], cwd=ROOT, check=False
+        )
+        if not path.exists() or ignored.returncode == 0:
+            missing_files.append(f"{page_name}: {link}")
+    assert not missing_files, "links to files a clone does not have:\n" + "\n".join(
+        missing_files
+    )
+
+    citing = [
+        path.relative_to(out).as_posix()
+        for path in out.rglob("*")
+        if path.suffix in {".html", ".txt", ".js", ".md", ".ipynb"}
+        and INTERNAL.search(path.read_text(encoding="utf-8", errors="replace"))
+    ]
+    assert not citing, f"pages that cite the internal contract: {citing}"
+
+    # The lists generated from the signatures (conf.py's substitutions).
+    for html_page, argument in (
+        ("layouts.html", "stack_axes"),
+        ("layouts.html", "axis"),
+        ("guides/large_models.html", "stack_axes"),
+        ("guides/large_models.html", "axis_name"),
+        ("api/masks.html", "stack_axes"),
+    ):
+        linked = pages[out / html_page].links
+        for name in public_functions_taking(argument):
+            assert any(link.endswith(f"#{name}") for link in linked), (
+                f"{html_page} does not link {name}, which takes {argument}"
+            )
 
     clip = (out / documented["norm_optax.adaptive_clip"].partition("#")[0]).read_text()
     assert 'class="math' in clip
