@@ -12,6 +12,8 @@ See ``README.md`` for the placement of each transform in ``optax.chain``.
 """
 
 from norm_optax import masks as masks
+from norm_optax._alias import muon as muon
+from norm_optax._alias import scion as scion
 from norm_optax._balls import project_l1_ball as project_l1_ball
 from norm_optax._balls import project_l2_ball as project_l2_ball
 from norm_optax._clipping import adaptive_clip as adaptive_clip
@@ -73,6 +75,7 @@ __all__ = [
     "masks",
     "max_norm",
     "min_max_norm",
+    "muon",
     "non_negative",
     "normalize_by_global_norm",
     "project_l1_ball",
@@ -82,6 +85,7 @@ __all__ = [
     "prox_group_l1",
     "prox_l1",
     "record_norms",
+    "scion",
     "skip_on_spike",
     "unit_norm",
     "unit_norms",
