@@ -28,6 +28,7 @@ TECHNIQUES = {
     "_stateful",
     "_zclip",
     "masks",
+    "_lmo",
 }
 FLOORS = {
     "_types": 0,
@@ -36,6 +37,7 @@ FLOORS = {
     "_numerics": 1,
     "_domains": 1,
     "_layout": 1,
+    "_polar": 1,
     "norms": 2,
     "_transform": 2,
 }
@@ -99,5 +101,10 @@ def test_longest_import_chain_is_at_most_four_modules() -> None:
 def test_public_norms_module_shows_only_public_names() -> None:
     public = {n for n in vars(norm_optax.norms) if not n.startswith("_")}
     imported = {"annotations", "Any", "jax"}  # from __future__, typing, jax
-    assert set(norm_optax.norms.__all__) == {"global_norm", "leaf_norms", "unit_norms"}
+    assert set(norm_optax.norms.__all__) == {
+        "global_norm",
+        "leaf_norms",
+        "unit_norms",
+        "orthogonalize",
+    }
     assert public - imported == set(norm_optax.norms.__all__)
