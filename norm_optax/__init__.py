@@ -25,6 +25,7 @@ from norm_optax._decay import add_l1_decay as add_l1_decay
 from norm_optax._decay import add_l2_decay as add_l2_decay
 from norm_optax._decay import l1_penalty as l1_penalty
 from norm_optax._decay import l2_penalty as l2_penalty
+from norm_optax._lmo import scale_by_lmo as scale_by_lmo
 from norm_optax._projection import clip_weights as clip_weights
 from norm_optax._projection import max_norm as max_norm
 from norm_optax._projection import min_max_norm as min_max_norm
@@ -47,6 +48,7 @@ from norm_optax._zclip import ZClipState as ZClipState
 from norm_optax._zclip import zclip as zclip
 from norm_optax.norms import global_norm as global_norm
 from norm_optax.norms import leaf_norms as leaf_norms
+from norm_optax.norms import orthogonalize as orthogonalize
 from norm_optax.norms import unit_norms as unit_norms
 
 __version__ = "0.2.0"
@@ -78,6 +80,7 @@ __all__ = [
     "muon",
     "non_negative",
     "normalize_by_global_norm",
+    "orthogonalize",
     "project_l1_ball",
     "project_l2_ball",
     "project_linf_ball",
@@ -85,6 +88,7 @@ __all__ = [
     "prox_group_l1",
     "prox_l1",
     "record_norms",
+    "scale_by_lmo",
     "scion",
     "skip_on_spike",
     "unit_norm",

@@ -354,6 +354,51 @@ CASES = [
     for c in CLIPPING + PROJECTION_AND_DECAY + STATEFUL + OPTIMIZERS
 ]
 
+# Norm geometry (API.md 8.2). The battery tree's dense kernel (5, 3) and conv
+# kernel (3, 3, 2, 4) are matrices, its bias and scalar are not ("auto" gives
+# them "rms"). ``norm`` as a callable of the updates: one norm per leaf.
+GEOMETRY_NORMS = {"kernel']": "spectral", "bias']": "sign"}
+
+
+def geometry_norms(tree: Any) -> Any:
+    """Per leaf: spectral dense kernel, sign bias, unit conv, frobenius scalar."""
+
+    def name(path: Any, leaf: Any) -> str:
+        del leaf
+        key = jax.tree_util.keystr(path)
+        if key.startswith("['conv']"):
+            return "unit"
+        return next(
+            (v for k, v in GEOMETRY_NORMS.items() if key.endswith(k)), "frobenius"
+        )
+
+    return jax.tree_util.tree_map_with_path(name, tree)
+
+
+CASES += [
+    Case("scale_by_lmo", nox.scale_by_lmo, {"radius": 2.0}, ("radius",)),
+    Case(
+        "scale_by_lmo_norm_tree",
+        nox.scale_by_lmo,
+        {"norm": geometry_norms, "dims_scale": "muon"},
+        ("radius",),
+        static=("norm",),
+    ),
+    Case(
+        "scale_by_lmo_stacked_out_first",
+        nox.scale_by_lmo,
+        {
+            "radius": 0.5,
+            "dims_scale": "spectral",
+            "axis": "out_first",
+            "stack_axes": STACK_CONV,
+        },
+        ("radius",),
+        static=("stack_axes",),
+        variant=True,
+    ),
+]
+
 
 def step_updates(updates: Any, step: int) -> Any:
     """The updates of step ``step`` of a run: the same tree, growing norms."""

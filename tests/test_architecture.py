@@ -32,6 +32,7 @@ TECHNIQUES = {
     "_stateful",
     "_zclip",
     "masks",
+    "_lmo",
 }
 # Optimizers: recipes of optax.chain calls over the techniques, one floor
 # above them (docs/architecture.md).
@@ -43,6 +44,7 @@ FLOORS = {
     "_numerics": 1,
     "_domains": 1,
     "_layout": 1,
+    "_polar": 1,
     "norms": 2,
     "_transform": 2,
 }
@@ -119,5 +121,10 @@ def test_optimizers_sit_one_floor_above_the_techniques() -> None:
 def test_public_norms_module_shows_only_public_names() -> None:
     public = {n for n in vars(norm_optax.norms) if not n.startswith("_")}
     imported = {"annotations", "Any", "jax"}  # from __future__, typing, jax
-    assert set(norm_optax.norms.__all__) == {"global_norm", "leaf_norms", "unit_norms"}
+    assert set(norm_optax.norms.__all__) == {
+        "global_norm",
+        "leaf_norms",
+        "unit_norms",
+        "orthogonalize",
+    }
     assert public - imported == set(norm_optax.norms.__all__)
