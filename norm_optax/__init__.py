@@ -12,6 +12,8 @@ See ``README.md`` for the placement of each transform in ``optax.chain``.
 """
 
 from norm_optax import masks as masks
+from norm_optax._alias import muon as muon
+from norm_optax._alias import scion as scion
 from norm_optax._balls import project_l1_ball as project_l1_ball
 from norm_optax._balls import project_l2_ball as project_l2_ball
 from norm_optax._clipping import adaptive_clip as adaptive_clip
@@ -23,6 +25,7 @@ from norm_optax._decay import add_l1_decay as add_l1_decay
 from norm_optax._decay import add_l2_decay as add_l2_decay
 from norm_optax._decay import l1_penalty as l1_penalty
 from norm_optax._decay import l2_penalty as l2_penalty
+from norm_optax._lmo import scale_by_lmo as scale_by_lmo
 from norm_optax._projection import clip_weights as clip_weights
 from norm_optax._projection import max_norm as max_norm
 from norm_optax._projection import min_max_norm as min_max_norm
@@ -45,6 +48,7 @@ from norm_optax._zclip import ZClipState as ZClipState
 from norm_optax._zclip import zclip as zclip
 from norm_optax.norms import global_norm as global_norm
 from norm_optax.norms import leaf_norms as leaf_norms
+from norm_optax.norms import orthogonalize as orthogonalize
 from norm_optax.norms import unit_norms as unit_norms
 
 __version__ = "0.2.0"
@@ -73,8 +77,10 @@ __all__ = [
     "masks",
     "max_norm",
     "min_max_norm",
+    "muon",
     "non_negative",
     "normalize_by_global_norm",
+    "orthogonalize",
     "project_l1_ball",
     "project_l2_ball",
     "project_linf_ball",
@@ -82,6 +88,8 @@ __all__ = [
     "prox_group_l1",
     "prox_l1",
     "record_norms",
+    "scale_by_lmo",
+    "scion",
     "skip_on_spike",
     "unit_norm",
     "unit_norms",

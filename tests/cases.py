@@ -39,6 +39,9 @@ class Case:
     # A variant of a transform that another case already covers: run by the
     # slow step of .ci/run, so that the README's default run stays short.
     variant: bool = False
+    # Builds on optax optimizers (AdamW), which do not survive strict dtype
+    # promotion: the battery runs it under jax's default promotion, as users do.
+    standard_promotion: bool = False
 
     def make(self, **overrides: Any) -> optax.GradientTransformation:
         return self.factory(**{**self.kwargs, **overrides})
@@ -274,6 +277,64 @@ STATEFUL.append(
     )
 )
 
+# Optimizers built from scale_by_lmo (API.md 8.3): several steps, the
+# momentum state threaded; the stacked cases read the conv kernel as 3
+# layers of (out, in) = (3, 8) matrices.
+OPTIMIZERS: list[Case] = [
+    Case(
+        "muon",
+        nox.muon,
+        {"learning_rate": 1e-2},
+        ("learning_rate", "momentum"),
+        needs_params=True,
+        steps=2,
+        stateless=False,
+        standard_promotion=True,
+    ),
+    Case(
+        "muon_stacked_out_first_schedule",
+        nox.muon,
+        {
+            "learning_rate": optax.linear_schedule(1e-2, 1e-3, 4),
+            "nesterov": False,
+            "ns_coeffs": "polar_express",
+            "weight_decay": 0.1,
+            "axis": "out_first",
+            "stack_axes": STACK_CONV,
+        },
+        ("momentum", "weight_decay"),
+        needs_params=True,
+        steps=2,
+        static=("stack_axes",),
+        stateless=False,
+        standard_promotion=True,
+    ),
+    Case(
+        "scion",
+        nox.scion,
+        {"learning_rate": 0.1, "radius": 2.0},
+        ("learning_rate", "beta"),
+        needs_params=True,
+        steps=2,
+        stateless=False,
+    ),
+    Case(
+        "scion_constrained_stacked_schedule",
+        nox.scion,
+        {
+            "learning_rate": optax.linear_schedule(0.1, 0.01, 4),
+            "constrained": True,
+            "axis": "out_first",
+            "stack_axes": STACK_CONV,
+        },
+        ("beta",),
+        needs_params=True,
+        steps=2,
+        static=("stack_axes",),
+        stateless=False,
+    ),
+]
+
 # Variants whose transform another case covers with its defaults (ord, axis,
 # rate, warm-up): the battery runs them in the slow step of .ci/run. The
 # stack_axes, out_first and schedule variants stay in the default run.
@@ -285,10 +346,57 @@ VARIANTS = {
     "max_norm_axis_empty",
     "min_max_norm_rate",
     "zclip",
+    "muon",  # the stacked, out_first, scheduled muon case stays in the default run
+    "scion",  # likewise the constrained, stacked, scheduled scion case
 }
 CASES = [
     dataclasses.replace(c, variant=c.name in VARIANTS)
-    for c in CLIPPING + PROJECTION_AND_DECAY + STATEFUL
+    for c in CLIPPING + PROJECTION_AND_DECAY + STATEFUL + OPTIMIZERS
+]
+
+# Norm geometry (API.md 8.2). The battery tree's dense kernel (5, 3) and conv
+# kernel (3, 3, 2, 4) are matrices, its bias and scalar are not ("auto" gives
+# them "rms"). ``norm`` as a callable of the updates: one norm per leaf.
+GEOMETRY_NORMS = {"kernel']": "spectral", "bias']": "sign"}
+
+
+def geometry_norms(tree: Any) -> Any:
+    """Per leaf: spectral dense kernel, sign bias, unit conv, frobenius scalar."""
+
+    def name(path: Any, leaf: Any) -> str:
+        del leaf
+        key = jax.tree_util.keystr(path)
+        if key.startswith("['conv']"):
+            return "unit"
+        return next(
+            (v for k, v in GEOMETRY_NORMS.items() if key.endswith(k)), "frobenius"
+        )
+
+    return jax.tree_util.tree_map_with_path(name, tree)
+
+
+CASES += [
+    Case("scale_by_lmo", nox.scale_by_lmo, {"radius": 2.0}, ("radius",)),
+    Case(
+        "scale_by_lmo_norm_tree",
+        nox.scale_by_lmo,
+        {"norm": geometry_norms, "dims_scale": "muon"},
+        ("radius",),
+        static=("norm",),
+    ),
+    Case(
+        "scale_by_lmo_stacked_out_first",
+        nox.scale_by_lmo,
+        {
+            "radius": 0.5,
+            "dims_scale": "spectral",
+            "axis": "out_first",
+            "stack_axes": STACK_CONV,
+        },
+        ("radius",),
+        static=("stack_axes",),
+        variant=True,
+    ),
 ]
 
 

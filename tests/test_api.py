@@ -81,6 +81,9 @@ CONTRACT: dict[str, list[tuple[str, object]]] = {
         ("num_iters", 1),
         ("axis", None),
     ],
+    # 8. Norm geometry.
+    "orthogonalize": [("tree", inspect.Parameter.empty)],
+    "scale_by_lmo": [("norm", "auto"), ("radius", 1.0)],
 }
 
 # Keyword-only arguments API.md names, with their defaults.
@@ -94,6 +97,22 @@ KEYWORD_ONLY: dict[str, dict[str, object]] = {
     },
     "prox_group_l1": {"stack_axes": None, "mask": None},
     "clip_spectral_norm": {"stack_axes": None, "mask": None},
+    "orthogonalize": {
+        "method": "newton_schulz",
+        "ns_steps": 5,
+        "ns_coeffs": "standard",
+        "axis": None,
+        "stack_axes": None,
+    },
+    "scale_by_lmo": {
+        "dims_scale": None,
+        "axis": None,
+        "stack_axes": None,
+        "mask": None,
+        "method": "newton_schulz",
+        "ns_steps": 5,
+        "ns_coeffs": "standard",
+    },
 }
 
 # API.md section 6: every per-leaf or per-unit operation takes ``stack_axes``.
@@ -134,6 +153,7 @@ TRANSFORMS = [
     "autoclip",
     "zclip",
     "skip_on_spike",
+    "scale_by_lmo",
 ]
 
 # The transforms that read ``params`` (they take a ``mask``).
@@ -197,7 +217,9 @@ def test_params_readers_take_a_mask(name: str) -> None:
     assert "mask" in inspect.signature(getattr(nox, name)).parameters
 
 
-@pytest.mark.parametrize("name", ["global_norm", "leaf_norms", "unit_norms"])
+@pytest.mark.parametrize(
+    "name", ["global_norm", "leaf_norms", "unit_norms", "orthogonalize"]
+)
 def test_norms_module_reexported(name: str) -> None:
     assert getattr(norm_optax.norms, name) is getattr(nox, name)
 

@@ -28,10 +28,15 @@ from tests.cases import CASES, Case, make_tree, step_updates
 from tests.conftest import rtol, to_f64
 from tests.test_api import TRANSFORMS
 
+def _marks(case: Case) -> list[pytest.MarkDecorator]:
+    marks = [pytest.mark.slow] if case.variant else []
+    if case.standard_promotion:  # built on optax's AdamW (see conftest.py)
+        marks.append(pytest.mark.standard_promotion)
+    return marks
+
+
 each_case = pytest.mark.parametrize(
-    "case",
-    [pytest.param(c, marks=pytest.mark.slow) if c.variant else c for c in CASES],
-    ids=str,
+    "case", [pytest.param(c, marks=_marks(c)) for c in CASES], ids=str
 )
 
 

@@ -15,6 +15,7 @@ import pytest
 from norm_optax.demo import INSTALL_HINT, main
 from norm_optax.demo.constraints import CNNConfig
 from norm_optax.demo.exploding import RNNConfig
+from norm_optax.demo.geometry import GeometryConfig
 
 pytestmark = [
     pytest.mark.standard_promotion,  # the demo runs optax optimizers
@@ -163,6 +164,38 @@ def test_learns_digits(quick_run: Any) -> None:
 def test_quick_is_smaller_than_full() -> None:
     assert RNNConfig.quick().steps < RNNConfig().steps
     assert CNNConfig.quick().steps < CNNConfig().steps
+    assert GeometryConfig.quick().steps < GeometryConfig().steps
+
+
+def test_geometry_part_trains_every_optimizer(quick_run: Any) -> None:
+    out, rows, stdout, _ = quick_run
+    runs = _rows(rows, "geometry")
+    assert list(runs) == ["adamw", "muon", "scion", "scion_constrained"]
+    for row in runs.values():
+        assert math.isfinite(row["final_loss"])
+        assert row["test_accuracy"] > 0.7, row["run"]
+        assert set(row["sigmas"]) == {"dense1", "dense2", "head"}
+        assert f"| {row['run']} |" in stdout
+    path = out / "demo_geometry.png"
+    assert path.stat().st_size > 10_000
+    assert f"wrote {path}" in stdout
+
+
+def test_geometry_part_checks_what_each_promises(quick_run: Any) -> None:
+    """Muon's update singular values in range; constrained Scion in its ball."""
+    _, rows, stdout, _ = quick_run
+    runs = _rows(rows, "geometry")
+    low, high = runs["muon"]["update_range"]
+    assert 0.68 <= low <= high <= 1.21
+    assert runs["adamw"]["update_range"] is None
+    assert "-> OK" in stdout.split("check muon:")[1].splitlines()[0]
+    line = stdout.split("check scion_constrained:")[1].splitlines()[0]
+    assert "-> OK" in line
+    # The unconstrained run's spectral norms are not held to the radius:
+    # the constrained run's largest layer stays below radius * k.
+    config = GeometryConfig.quick()
+    sigma = runs["scion_constrained"]["sigmas"]["dense1"]
+    assert sigma <= config.constrained_radius * math.sqrt(config.hidden[0] / 64) * (1 + 1e-5)
 
 
 def test_missing_extra_names_the_install_command(

@@ -4,8 +4,11 @@ Part 1 (:mod:`norm_optax.demo.exploding`) trains a tanh RNN on the adding
 problem with and without gradient clipping; part 2
 (:mod:`norm_optax.demo.constraints`) trains a small Flax NNX CNN on the 8x8
 digits with L2/L1 decay, the L1 and group-lasso proximal steps and weight
-constraints (per unit, per element, spectral). Each part prints a table and
-writes a PNG to ``--out``. Needs the ``examples`` extra::
+constraints (per unit, per element, spectral); part 3
+(:mod:`norm_optax.demo.geometry`) trains a small MLP on the same digits with
+AdamW, Muon and Scion (unconstrained and constrained) and checks what each
+promises. Each part prints a table and writes a PNG to ``--out``. Needs the
+``examples`` extra::
 
     pip install "norm-optax[examples]"
     python -m norm_optax.demo            # full run, about two minutes on 2 CPU cores
@@ -24,9 +27,10 @@ from norm_optax.demo._extras import INSTALL_HINT, require_extras
 
 __all__ = ["INSTALL_HINT", "main"]
 
-PARTS = ("exploding", "constraints")
+PARTS = ("exploding", "constraints", "geometry")
 EXPLODING_PNG = "demo_exploding.png"
 CONSTRAINTS_PNG = "demo_constraints.png"
+GEOMETRY_PNG = "demo_geometry.png"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=PARTS,
         default=list(PARTS),
-        help="which parts to run (default: both)",
+        help="which parts to run (default: all)",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="do not draw the progress bar"
@@ -67,8 +71,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
       argv: command-line arguments (``sys.argv[1:]`` when ``None``).
 
     Returns:
-      One dict per run (key ``"part"`` is ``"exploding"`` or
-      ``"constraints"``), holding the numbers printed in the tables.
+      One dict per run (key ``"part"`` is ``"exploding"``,
+      ``"constraints"`` or ``"geometry"``), holding the numbers printed in
+      the tables.
 
     Raises:
       SystemExit: the ``examples`` extra is not installed.
@@ -78,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     import jax
 
-    from norm_optax.demo import constraints, exploding
+    from norm_optax.demo import constraints, exploding, geometry
     from norm_optax.demo._progress import Progress
 
     out: pathlib.Path = args.out
@@ -87,11 +92,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     cnn_config = (
         constraints.CNNConfig.quick() if args.quick else constraints.CNNConfig()
     )
+    geo_config = (
+        geometry.GeometryConfig.quick() if args.quick else geometry.GeometryConfig()
+    )
     total = 0
     if "exploding" in args.parts:
         total += rnn_config.steps * len(exploding.clippers(rnn_config))
     if "constraints" in args.parts:
         total += cnn_config.steps * len(constraints.transforms(cnn_config))
+    if "geometry" in args.parts:
+        total += geo_config.steps * len(geometry.optimizers(geo_config))
     print(
         f"norm_optax demo ({'quick' if args.quick else 'full'} run, seed "
         f"{args.seed}) on {jax.default_backend()}: {jax.devices()}",
@@ -133,6 +143,26 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             print(line)
         path = out / CONSTRAINTS_PNG
         constraints.plot(results_2).savefig(path, dpi=90)
+        print(f"\nwrote {path}", flush=True)
+
+    if "geometry" in args.parts:
+        results_3 = geometry.run_all(geo_config, args.seed, on_chunk=progress.update)
+        progress.close()
+        rows += [r.row() for r in results_3]
+        c3 = geo_config
+        print(
+            f"\nPart 3: norm geometry. MLP (Flax NNX, hidden {c3.hidden}) on the "
+            f"8x8 digits: AdamW lr {c3.adamw_lr}; Muon lr {c3.muon_lr} (AdamW "
+            f"{c3.adam_lr} for the biases); Scion lr {c3.scion_lr} radius "
+            f"{c3.scion_radius}; constrained Scion lr {c3.constrained_lr} radius "
+            f"{c3.constrained_radius}; {c3.steps} steps of batch {c3.batch}.\n"
+        )
+        print(geometry.format_table(results_3))
+        print()
+        for line in geometry.checks(results_3, geo_config):
+            print(line)
+        path = out / GEOMETRY_PNG
+        geometry.plot(results_3).savefig(path, dpi=90)
         print(f"\nwrote {path}", flush=True)
 
     print(f"\ndone in {time.perf_counter() - started:.1f} s", flush=True)
