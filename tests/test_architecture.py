@@ -27,6 +27,7 @@ TECHNIQUES = {
     "_spectral",
     "_stateful",
     "_zclip",
+    "_telemetry",
     "masks",
 }
 FLOORS = {
