@@ -43,6 +43,9 @@ from norm_optax._stateful import SkipOnSpikeState as SkipOnSpikeState
 from norm_optax._stateful import autoclip as autoclip
 from norm_optax._stateful import record_norms as record_norms
 from norm_optax._stateful import skip_on_spike as skip_on_spike
+from norm_optax._telemetry import RecordLayerNormsState as RecordLayerNormsState
+from norm_optax._telemetry import layer_norms_dict as layer_norms_dict
+from norm_optax._telemetry import record_layer_norms as record_layer_norms
 from norm_optax._transform import ScheduleState as ScheduleState
 from norm_optax._zclip import ZClipState as ZClipState
 from norm_optax._zclip import zclip as zclip
@@ -56,6 +59,7 @@ __version__ = "0.2.0"
 __all__ = [
     "AutoClipState",
     "ClipSpectralNormState",
+    "RecordLayerNormsState",
     "RecordNormsState",
     "ScheduleState",
     "SkipOnSpikeState",
@@ -73,6 +77,7 @@ __all__ = [
     "global_norm",
     "l1_penalty",
     "l2_penalty",
+    "layer_norms_dict",
     "leaf_norms",
     "masks",
     "max_norm",
@@ -87,6 +92,7 @@ __all__ = [
     "prox_elastic_net",
     "prox_group_l1",
     "prox_l1",
+    "record_layer_norms",
     "record_norms",
     "scale_by_lmo",
     "scion",

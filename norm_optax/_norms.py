@@ -9,7 +9,9 @@ call it through three named entry points, each with every argument explicit
 * :func:`axes_norm` -- the norm of one array over some of its axes
   (keepdims): unit norms, per-layer norms of stacked leaves;
 * :func:`tree_total` -- a plain sum or max of elementwise parts over many
-  leaves (the L1-ball threshold search), one all-reduce like a norm.
+  leaves (the L1-ball threshold search), one all-reduce like a norm;
+* :func:`layer_squares` -- the squared L2 norm of every layer of many
+  (stacked) leaves at once, one all-reduce for all of them (telemetry).
 
 Numerics: accumulation in ``float32`` or wider (conversion fused into the
 reduction), complex values by modulus, an empty list has norm ``0``, the
@@ -33,7 +35,7 @@ import numpy as np
 from norm_optax import _sharding
 from norm_optax._types import Ord, accumulation_dtype
 
-__all__ = ["axes_norm", "canonical_ord", "tree_norm", "tree_total"]
+__all__ = ["axes_norm", "canonical_ord", "layer_squares", "tree_norm", "tree_total"]
 
 _VALID_ORDS = (1, 2, math.inf)
 Axes = tuple[int, ...] | None
@@ -261,3 +263,20 @@ def tree_total(parts: Sequence[jax.Array], kind: str, dtype: Any) -> jax.Array:
     Not differentiated (callers stop gradients); one all-reduce when sharded.
     """
     return _sharding.reduce_to_scalar(parts, kind, np.dtype(dtype), None, role="any")
+
+
+def layer_squares(
+    leaves: Sequence[jax.Array], counts: Sequence[int]
+) -> list[jax.Array]:
+    """Per-layer sums of ``|x|^2`` of many leaves, with one all-reduce for all.
+
+    Leaf ``i`` gives an array of shape ``leaves[i].shape[:counts[i]]`` (its
+    stack shape; ``()`` for ``counts[i] = 0``): the sum of ``|x|^2`` over each
+    layer's slice, in the accumulation dtype of the whole list (``float32``,
+    or ``float64`` when a leaf is 64-bit). Its square root is the per-layer
+    L2 norm of :func:`axes_norm`; the sum of all of them, the square of the
+    global norm of :func:`tree_norm`. NaN and infinities propagate. Not
+    differentiated (callers stop gradients); sharded, one all-reduce of a
+    vector with one entry per layer (see ``_sharding.reduce_layers``).
+    """
+    return _sharding.reduce_layers(leaves, counts, _abs2, _result_dtype(tuple(leaves)))

@@ -33,7 +33,7 @@ gather nothing.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
-__all__ = ["Role", "reduce_to_scalar"]
+__all__ = ["Role", "reduce_layers", "reduce_to_scalar"]
 
 
 def _leaf_total(part: jax.Array, kind: str, dtype: np.dtype) -> jax.Array:
@@ -268,3 +268,119 @@ def reduce_to_scalar(
     if axis_name is None:
         return total
     return _collective(total, kind, axis_name)
+
+
+# ---------------------------------------------------------------------------
+# Per-layer totals of many leaves, one all-reduce (telemetry).
+# ---------------------------------------------------------------------------
+
+
+def _layer_sum(part: jax.Array, count: int, dtype: np.dtype) -> jax.Array:
+    """Sum of ``part`` over every axis after its ``count`` first, in ``dtype``."""
+    return jnp.sum(part, axis=tuple(range(count, part.ndim)), dtype=dtype)
+
+
+def _shard_offset(entry: Any, mesh: AbstractMesh, local: int) -> jax.Array:
+    """Where this device's slice of one array dimension starts, in the whole."""
+    if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+        return jnp.zeros((), jnp.int32)
+    names = entry if isinstance(entry, tuple) else (entry,)
+    index = jnp.zeros((), jnp.int32)
+    for name in names:  # major to minor
+        index = index * mesh.shape[name] + jax.lax.axis_index(name)
+    return index * local
+
+
+def _local_layers(
+    leaves: Sequence[jax.Array],
+    *,
+    counts: tuple[int, ...],
+    shapes: tuple[tuple[int, ...], ...],
+    elementwise: Callable[[jax.Array], jax.Array],
+    dtype: np.dtype,
+    mesh: AbstractMesh,
+    specs: tuple[PartitionSpec, ...],
+    axes: tuple[str, ...],
+) -> jax.Array:
+    """Per-device body: every leaf's local per-layer sums, placed in one vector.
+
+    A leaf's slice of the stack axes (when they are sharded) is written at its
+    offset in a zero array of the whole stack shape; copies of a leaf
+    replicated over a mesh axis are counted once. The concatenation of all
+    leaves is then summed over the devices with one ``psum``.
+    """
+    pieces = []
+    for leaf, count, shape, spec in zip(leaves, counts, shapes, specs, strict=True):
+        local = _layer_sum(elementwise(leaf), count, dtype)
+        spec_axes = _spec_axes(spec)
+        skip = tuple(a for a in axes if a not in spec_axes)
+        if skip:
+            local = jnp.where(_owner_mask(skip), local, jnp.zeros((), dtype))
+        whole = shape[:count]
+        if local.shape != whole:
+            entries = tuple(spec) + (None,) * (count - len(spec))
+            offsets = [
+                _shard_offset(entries[d], mesh, local.shape[d]) for d in range(count)
+            ]
+            local = jax.lax.dynamic_update_slice(
+                jnp.zeros(whole, dtype), local, offsets
+            )
+        pieces.append(local.reshape(-1))
+    return jax.lax.psum(jnp.concatenate(pieces), axes)
+
+
+def reduce_layers(
+    leaves: Sequence[jax.Array],
+    counts: Sequence[int],
+    elementwise: Callable[[jax.Array], jax.Array],
+    dtype: np.dtype,
+) -> list[jax.Array]:
+    """Per-layer sums of ``elementwise(leaf)`` for many leaves at once.
+
+    For each leaf, the sum of ``elementwise(leaf)`` over every axis after its
+    ``counts[i]`` first (the stack axes), an array of shape
+    ``leaf.shape[:counts[i]]`` and dtype ``dtype``. Not differentiated
+    (callers stop gradients).
+
+    Under ``jax.jit`` with the leaves sharded on one mesh whose axes are all
+    ``Explicit``, the per-device partial sums of every leaf are concatenated
+    into one short vector (one entry per layer of every leaf) and combined
+    with a single all-reduce over the mesh axes the leaves are sharded on,
+    however many leaves there are and whichever of their axes (stack axes
+    included) are sharded; no leaf is gathered. Otherwise each leaf is
+    reduced as written and XLA inserts the collectives it needs.
+    """
+    counts = tuple(int(c) for c in counts)
+    dtype = np.dtype(dtype)
+    layout = _explicit_layout(list(leaves))
+    if layout is None:
+        return [
+            _layer_sum(elementwise(x), c, dtype)
+            for x, c in zip(leaves, counts, strict=True)
+        ]
+    mesh, specs, axes = layout
+    shapes = tuple(tuple(x.shape) for x in leaves)
+    body = functools.partial(
+        _local_layers,
+        counts=counts,
+        shapes=shapes,
+        elementwise=elementwise,
+        dtype=dtype,
+        mesh=mesh,
+        specs=tuple(specs),
+        axes=axes,
+    )
+    mapped = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(list(specs),),
+        out_specs=PartitionSpec(),
+        axis_names=frozenset(axes),
+    )
+    flat = jax.jit(mapped)(list(leaves))  # an abstract mesh needs traced inputs
+    out, start = [], 0
+    for shape, count in zip(shapes, counts, strict=True):
+        size = int(np.prod(shape[:count], dtype=np.int64))
+        out.append(flat[start : start + size].reshape(shape[:count]))
+        start += size
+    return out

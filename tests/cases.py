@@ -226,6 +226,15 @@ STATEFUL: list[Case] = [
         stateless=False,
     ),
     Case(
+        "record_layer_norms",
+        nox.record_layer_norms,
+        {"inner": nox.clip_by_global_norm(1.0), "stack_axes": STACK_CONV},
+        (),
+        steps=2,
+        static=("stack_axes",),
+        stateless=False,
+    ),
+    Case(
         "autoclip",
         nox.autoclip,
         {"percentile": 10.0, "history": 4},

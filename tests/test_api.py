@@ -57,6 +57,9 @@ CONTRACT: dict[str, list[tuple[str, object]]] = {
     "l1_penalty": [("tree", inspect.Parameter.empty)],
     # 5. Stateful companions.
     "record_norms": [("inner", inspect.Parameter.empty)],
+    # 9. Per-layer norm statistics.
+    "record_layer_norms": [("inner", inspect.Parameter.empty)],
+    "layer_norms_dict": [("tree", inspect.Parameter.empty), ("prefix", "")],
     "autoclip": [("percentile", 10.0), ("history", 1000)],
     "zclip": [("z_threshold", 2.5), ("alpha", 0.97), ("warmup_steps", 25)],
     "skip_on_spike": [
@@ -113,6 +116,7 @@ KEYWORD_ONLY: dict[str, dict[str, object]] = {
         "ns_steps": 5,
         "ns_coeffs": "standard",
     },
+    "record_layer_norms": {"stack_axes": None},
 }
 
 # API.md section 6: every per-leaf or per-unit operation takes ``stack_axes``.
@@ -154,6 +158,7 @@ TRANSFORMS = [
     "zclip",
     "skip_on_spike",
     "scale_by_lmo",
+    "record_layer_norms",
 ]
 
 # The transforms that read ``params`` (they take a ``mask``).
@@ -167,6 +172,7 @@ PARAMS_READERS = [
         "clip_by_global_norm",
         "normalize_by_global_norm",
         "record_norms",
+        "record_layer_norms",
         "autoclip",
         "zclip",
         "skip_on_spike",

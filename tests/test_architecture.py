@@ -31,6 +31,7 @@ TECHNIQUES = {
     "_spectral",
     "_stateful",
     "_zclip",
+    "_telemetry",
     "masks",
     "_lmo",
 }

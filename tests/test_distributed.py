@@ -343,3 +343,32 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
             sum(np.sum(np.square(g, dtype=np.float64)) for g in grads.values())
         )
         np.testing.assert_allclose(got["norm"], norm, rtol=1e-6)
+
+
+# API.md section 9: record_layer_norms sharded.
+@pytest.mark.parametrize("layout", ["fsdp", "pipeline_2d"])
+def test_record_layer_norms_sharded_matches_and_gathers_nothing(
+    results: dict[str, Any], layout: str
+) -> None:
+    case = _case(results, "telemetry", layout)
+    assert case["rel_err"] <= 1.0  # allclose(rtol=1e-6, atol=1e-6)
+    assert case["out_equal"]  # inner's sharded output, bit for bit
+    assert case["sharding"] == []
+    for name, shape in case["shapes"].items():
+        stacked = name.startswith("blocks/")
+        assert shape == ([single_host.LAYERS_STACKED] if stacked else []), name
+    assert case["all_gather"] == 0
+    # One all-reduce for the inner clip's global norm, one for every
+    # per-layer norm of the three trees.
+    assert case["all_reduce"] == 2
+
+
+def test_record_layer_norms_all_reduces_do_not_grow_with_leaves(
+    results: dict[str, Any],
+) -> None:
+    stacked = _case(results, "telemetry", "stacked_gpt")
+    unstacked = _case(results, "telemetry", "unstacked_gpt")
+    assert (stacked["leaves"], unstacked["leaves"]) == (16, 40)
+    for case in (stacked, unstacked):
+        assert case["all_reduce"] == 1, case
+        assert case["all_gather"] == 0, case

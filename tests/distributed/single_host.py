@@ -721,6 +721,129 @@ def axis_name_results() -> dict[str, Any]:
     return results
 
 
+# ---------------------------------------------------------------------------
+# Telemetry (API.md section 9): record_layer_norms on the sharded stacked
+# trees (same numbers, no all-gather), and its all-reduce count on a GPT with
+# its blocks stacked (16 leaves) and unstacked (40 leaves for 3 layers; the
+# benchmark counts GPT-2's 148, which compiles too slowly for the test run).
+# ---------------------------------------------------------------------------
+
+GPT_LAYERS = 3
+
+
+def gpt_shapes(stacked: bool, layers: int = GPT_LAYERS) -> dict[str, tuple[int, ...]]:
+    """GPT-2's leaves at small widths: 16 stacked, ``4 + 12 * layers`` unstacked."""
+    block = {
+        "ln1/scale": (D,),
+        "ln1/bias": (D,),
+        "attn/qkv/kernel": (D, 3 * D),
+        "attn/qkv/bias": (3 * D,),
+        "attn/out/kernel": (D, D),
+        "attn/out/bias": (D,),
+        "ln2/scale": (D,),
+        "ln2/bias": (D,),
+        "mlp/fc/kernel": (D, HIDDEN),
+        "mlp/fc/bias": (HIDDEN,),
+        "mlp/proj/kernel": (HIDDEN, D),
+        "mlp/proj/bias": (D,),
+    }
+    shapes: dict[str, tuple[int, ...]] = {"wte": (VOCAB, D), "wpe": (CONTEXT, D)}
+    if stacked:
+        shapes |= {f"blocks/{k}": (layers, *v) for k, v in block.items()}
+    else:
+        for i in range(layers):
+            shapes |= {f"h{i}/{k}": v for k, v in block.items()}
+    return shapes | {"ln_f/scale": (D,), "ln_f/bias": (D,)}
+
+
+def telemetry_results() -> dict[str, Any]:
+    if "record_layer_norms" not in nox.__all__:
+        return {"error": "record_layer_norms is not in norm_optax.__all__"}
+    fields = [
+        "input_norms",
+        "output_norms",
+        "param_norms",
+        "update_ratios",
+        "input_norm",
+        "output_norm",
+    ]
+    grads, params = stacked_trees()
+    tx = nox.record_layer_norms(nox.clip_by_global_norm(1.0), stack_axes=STACK)
+
+    def step(g: Tree, p: Tree) -> tuple[Tree, dict[str, Any]]:
+        out, state = tx.update(g, tx.init(p), p)
+        return out, {f: getattr(state, f) for f in fields}
+
+    want = jax.jit(step)(grads, params)
+    inner = nox.clip_by_global_norm(1.0)
+
+    def inner_step(g: Tree, p: Tree) -> Tree:
+        return inner.update(g, inner.init(p), p)[0]
+
+    results: dict[str, Any] = {}
+    for layout in ("fsdp", "pipeline_2d"):  # a stack axis sharded in the second
+        kind, spec, _ = STACKED_LAYOUTS[layout]
+        mesh = make_mesh(kind, jax.sharding.AxisType.Explicit)
+        shard = {k: NamedSharding(mesh, spec(k, s)) for k, s in STACKED_SHAPES.items()}
+        sgrads = jax.device_put(grads, shard)
+        sparams = jax.device_put(params, shard)
+
+        def case(sgrads: Tree = sgrads, sparams: Tree = sparams) -> dict[str, Any]:
+            exe: Any = jax.jit(step).lower(sgrads, sparams).compile()
+            out, stats = exe(sgrads, sparams)
+            plain = jax.jit(inner_step)(sgrads, sparams)  # inner alone, sharded
+            return {
+                "rel_err": max_rel_err(stats, want[1]),
+                "out_equal": all(
+                    bool(np.array_equal(np.asarray(out[k]), np.asarray(plain[k])))
+                    for k in out
+                ),
+                "sharding": sharding_mismatches(out, sgrads, explicit=True),
+                "shapes": {k: list(v.shape) for k, v in stats["output_norms"].items()},
+                **collectives(exe.as_text()),
+            }
+
+        with jax.set_mesh(mesh):
+            results[layout] = timed(case)
+
+    # All-reduces of the compiled update against the number of leaves: the
+    # inner transform (sgd) needs none, so every one is the telemetry's.
+    mesh = make_mesh("2d", jax.sharding.AxisType.Explicit)
+    rng = np.random.default_rng(3)
+    for stacked in (True, False):
+        shapes = gpt_shapes(stacked)
+
+        def spec2d(name: str, shape: tuple[int, ...]) -> P:
+            inner = mesh2d_spec(
+                name.split("/", 1)[-1], shape[-2:] if "kernel" in name else shape[-1:]
+            )
+            lead = (None,) * (len(shape) - len(inner))
+            return P(*lead, *inner)
+
+        def count(
+            shapes: dict[str, tuple[int, ...]] = shapes, stacked: bool = stacked
+        ) -> dict[str, Any]:
+            shard = {k: NamedSharding(mesh, spec2d(k, s)) for k, s in shapes.items()}
+            tree = {
+                k: jax.device_put(
+                    jnp.asarray(rng.normal(size=s), jnp.float32), shard[k]
+                )
+                for k, s in shapes.items()
+            }
+            stack = nox.masks.by_path("^blocks/") if stacked else None
+            tx = nox.record_layer_norms(optax.sgd(0.1), stack_axes=stack)
+            exe: Any = (
+                jax.jit(lambda g, p: tx.update(g, tx.init(p), p))
+                .lower(tree, tree)
+                .compile()
+            )
+            return {"leaves": len(shapes), **collectives(exe.as_text())}
+
+        with jax.set_mesh(mesh):
+            results["stacked_gpt" if stacked else "unstacked_gpt"] = timed(count)
+    return results
+
+
 def main(path: str) -> None:
     results: dict[str, Any] = {
         "devices": len(jax.devices()),
@@ -733,6 +856,7 @@ def main(path: str) -> None:
         ("auto", lambda: gspmd_results(jax.sharding.AxisType.Auto)),
         ("axis_name", axis_name_results),
         ("stacked", stacked_results),
+        ("telemetry", telemetry_results),
     ]:
         start = time.perf_counter()
         results[key] = run_case(fn)
