@@ -24,6 +24,34 @@ from norm_optax._transform import Leaf, leafwise, map_inexact, stateless
 from norm_optax._types import Axis, Mask, Ord, PyTree, Scalar, StackAxes
 from norm_optax.norms import global_norm
 
+
+@jax.custom_jvp
+def _keep_or(within: jax.Array, x: jax.Array, scaled: jax.Array) -> jax.Array:
+    """``x`` where ``within``, else ``scaled`` (a scalar ``within``).
+
+    For 16-bit floats the choice is made on the bits (``uint16``): XLA:CPU has
+    no ``bfloat16`` select and would widen both operands to ``float32`` and
+    back, a full elementwise pass even within the limit, while an integer
+    select over a donated input is skipped as a whole.
+    """
+    if jnp.dtype(x.dtype).itemsize != 2 or jnp.iscomplexobj(x):
+        return jnp.where(within, x, scaled)
+    bits = jnp.uint16
+    keep = jax.lax.bitcast_convert_type(x, bits)
+    other = jax.lax.bitcast_convert_type(scaled, bits)
+    return jax.lax.bitcast_convert_type(jnp.where(within, keep, other), x.dtype)
+
+
+@_keep_or.defjvp
+def _keep_or_jvp(
+    primals: tuple[jax.Array, jax.Array, jax.Array],
+    tangents: tuple[Any, jax.Array, jax.Array],
+) -> tuple[jax.Array, jax.Array]:
+    within, x, scaled = primals
+    _, dx, dscaled = tangents
+    return _keep_or(within, x, scaled), jnp.where(within, dx, dscaled)
+
+
 __all__ = [
     "adaptive_clip",
     "clip_by_global_norm",
@@ -212,13 +240,12 @@ def clip_by_global_norm(
         # Within the limit the leaf is selected as it is, not multiplied by 1:
         # when the output is the donated input buffer, XLA:CPU's kernel then
         # branches over the whole leaf (no load, no store), so a call that
-        # needs no clipping costs only the norm. ``within`` is False for a NaN
-        # or infinite norm, whatever the limit (an infinite one included), and
-        # wherever ``scale`` is NaN.
+        # needs no clipping costs only the norm (for 16-bit floats only if
+        # the select is on the bits, see ``_keep_or``). ``within`` is False
+        # for a NaN or infinite norm, whatever the limit (an infinite one
+        # included), and wherever ``scale`` is NaN.
         within = jnp.isfinite(scale) & (norm <= as_real(limit, norm))
-        return map_inexact(
-            lambda x: jnp.where(within, x, scale_leaf(x, scale)), updates
-        )
+        return map_inexact(lambda x: _keep_or(within, x, scale_leaf(x, scale)), updates)
 
     return stateless(update)
 

@@ -19,6 +19,33 @@ gradient is finite everywhere and ``0`` at the zero vector (the JVP masks the
 coefficients, not the tangent, so no ``0 * inf`` appears in the transpose).
 ``ord`` is canonicalised by :func:`canonical_ord`; a traced ``ord`` is
 dispatched with ``lax.switch`` and an invalid traced value gives NaN.
+
+**Range (L2 of ``bfloat16``).** ``bfloat16`` has ``float32``'s exponent
+range, so a square in ``float32`` underflows below about ``1e-19`` and
+overflows above about ``1.8e19``. The fast path is one pass: the sum of
+squares in ``float32``. Only when that sum comes out below ``2**-60`` (a norm
+below about ``1e-9``, where squares lost to underflow could matter; zero
+included) or infinite -- one scalar compare per norm -- does a second,
+rescaled pass run under :func:`jax.lax.cond` (a real branch under ``jit``):
+every element is multiplied by ``2**63`` (sum too low) or ``2**-66`` (sum
+infinite), exact powers of two, squared and summed, and the square root is
+scaled back. ``float16`` needs no rescue (its squares fit ``float32``), nor
+``float32``/``float64`` leaves (their documented range is that of their
+squares; the rescue's extra reduction would add to every compile). A
+projection widens ``bfloat16`` params to ``float32`` before its unit norms
+and says so (``widened_from``), so it gets the rescue too. Under ``vmap``
+the predicate is reduced over the batch (a ``custom_vmap`` rule), so the
+branch stays a branch: the rescue runs for the whole batch only if one
+example needs it.
+
+**XLA:CPU and half precision.** When a half-precision leaf is both reduced
+(the norm) and scaled (a clip) in one computation, XLA's CSE merges the two
+``convert`` ops to ``float32`` and XLA:CPU then writes a ``float32`` copy of
+the leaf for the reduction (a separate fusion feeding the YNNPACK reduce),
+about four times the traffic of the norm. On CPU the norm's input is
+therefore passed through :func:`jax.lax.optimization_barrier` (via
+:func:`jax.lax.platform_dependent`: other backends are untouched), which
+keeps the two converts apart; the barrier itself compiles to nothing.
 """
 
 from __future__ import annotations
@@ -29,13 +56,21 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.custom_batching
 import jax.numpy as jnp
 import numpy as np
 
 from norm_optax import _sharding
 from norm_optax._types import Ord, accumulation_dtype
 
-__all__ = ["axes_norm", "canonical_ord", "layer_squares", "tree_norm", "tree_total"]
+__all__ = [
+    "axes_norm",
+    "canonical_ord",
+    "layer_squares",
+    "needs_range_guard",
+    "tree_norm",
+    "tree_total",
+]
 
 _VALID_ORDS = (1, 2, math.inf)
 Axes = tuple[int, ...] | None
@@ -83,18 +118,39 @@ def _result_dtype(leaves: Sequence[jax.Array]) -> np.dtype:
 # ---------------------------------------------------------------------------
 
 
+def _is_half(dtype: Any) -> bool:
+    """Whether a leaf of ``dtype`` is widened for accumulation (half precision)."""
+    return np.dtype(jnp.finfo(dtype).dtype) != accumulation_dtype(dtype)
+
+
+def _reduction_input(x: jax.Array) -> jax.Array:
+    """``x`` as read by a norm's reduction (see the module note on XLA:CPU)."""
+    if not _is_half(x.dtype):
+        return x
+    return jax.lax.platform_dependent(
+        x, cpu=jax.lax.optimization_barrier, default=lambda v: v
+    )
+
+
 def _abs(x: jax.Array) -> jax.Array:
     acc = accumulation_dtype(x.dtype)
     if jnp.iscomplexobj(x):
         return jnp.abs(x).astype(acc)
-    return jnp.abs(x.astype(acc))
+    return jnp.abs(_reduction_input(x).astype(acc))
 
 
-def _abs2(x: jax.Array) -> jax.Array:
+def _abs2(x: jax.Array, factor: jax.Array | None = None) -> jax.Array:
+    """``|x|^2`` in the accumulation dtype; ``|x * factor|^2`` with ``factor``."""
     acc = accumulation_dtype(x.dtype)
     if jnp.iscomplexobj(x):
-        return jnp.square(x.real.astype(acc)) + jnp.square(x.imag.astype(acc))
-    return jnp.square(x.astype(acc))
+        re, im = x.real.astype(acc), x.imag.astype(acc)
+        if factor is not None:
+            re, im = re * factor.astype(acc), im * factor.astype(acc)
+        return jnp.square(re) + jnp.square(im)
+    wide = _reduction_input(x).astype(acc)
+    if factor is not None:
+        wide = wide * factor.astype(acc)
+    return jnp.square(wide)
 
 
 def _real_inner(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -139,21 +195,92 @@ def _reduce(
     (part,) = parts
     if kind == "sum":
         out = jnp.sum(part, axis=axes, keepdims=True, dtype=dtype)
-        return out if axis_name is None else jax.lax.psum(out, axis_name)
-    out = jnp.max(part, axis=axes, keepdims=True, initial=0).astype(dtype)
-    return out if axis_name is None else jax.lax.pmax(out, axis_name)
+    else:
+        out = jnp.max(part, axis=axes, keepdims=True, initial=0).astype(dtype)
+    return out if axis_name is None else _sharding.combine_across(out, kind, axis_name)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def needs_range_guard(dtype: Any) -> bool:
+    """Whether squares of ``dtype`` values can leave the accumulation range.
+
+    True for ``bfloat16`` (the range of ``float32``, accumulated in
+    ``float32``); not for ``float16`` (its squares fit ``float32``), the
+    float8 types, nor ``float32``/``float64`` (accumulated in themselves: the
+    documented range of their norms is that of their squares).
+    """
+    if not _is_half(dtype):
+        return False
+    own, acc = jnp.finfo(dtype), jnp.finfo(accumulation_dtype(dtype))
+    return float(own.max) ** 2 > float(acc.max)
+
+
+@jax.custom_batching.custom_vmap
+def _any_example(flag: jax.Array) -> jax.Array:
+    """``flag`` (a bool scalar); under ``vmap``, whether it holds for any example.
+
+    Keeps the rescue of :func:`_l2_norm` a real branch under ``vmap`` (a
+    batched predicate would turn ``lax.cond`` into a select that always runs
+    both branches).
+    """
+    return flag
+
+
+@_any_example.def_vmap
+def _any_example_vmap(
+    axis_size: int, in_batched: list[bool], flag: jax.Array
+) -> tuple[jax.Array, bool]:
+    del axis_size
+    (batched,) = in_batched
+    return (jnp.any(flag) if batched else flag), False
+
+
+# The rescue. A sum of squares below _LOW_SUM (or +inf) is recomputed with
+# every element scaled by a power of two (exact): up by _UP when it is low,
+# then every |x| < 2**-30 and the scaled squares neither overflow nor lose
+# any normal float32 input; down by _DOWN when it overflowed, which cannot
+# overflow again unless the norm itself exceeds float32's range. Squares that
+# underflow in the fast pass are each below 2**-126, so together below
+# n * 2**-126: under 2**-60 that is within float32's epsilon of the sum for n
+# up to 2**43 elements.
+_LOW_SUM = 2.0**-60
+_UP = 2.0**63
+_DOWN = 2.0**-66
+
+
+def _l2_norm(
+    leaves: tuple[jax.Array, ...],
+    reduce: Callable[..., jax.Array],
+    guard: bool,
+) -> jax.Array:
+    """The L2 norm: one pass, and a rescaled pass if squares may have left the range."""
+    total = reduce([_abs2(x) for x in leaves], kind="sum")
+    if not guard:
+        return jnp.sqrt(total)
+    low, high = total < _LOW_SUM, jnp.isposinf(total)
+
+    def rescaled() -> jax.Array:
+        factor = jnp.where(high, _DOWN, jnp.where(low, _UP, 1.0)).astype(total.dtype)
+        scaled = reduce([_abs2(x, factor) for x in leaves], kind="sum")
+        return jnp.sqrt(scaled) / factor
+
+    rescue = _any_example(jnp.any(low | high))
+    return jax.lax.cond(rescue, rescaled, lambda: jnp.sqrt(total))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
 def _pnorm(
-    ord: int | float, axes: Axes, axis_name: Any, leaves: tuple[jax.Array, ...]
+    ord: int | float,
+    axes: Axes,
+    axis_name: Any,
+    guard: bool,
+    leaves: tuple[jax.Array, ...],
 ) -> jax.Array:
     dtype = _result_dtype(leaves)
     reduce = functools.partial(
         _reduce, axes=axes, axis_name=axis_name, dtype=dtype, role="primal"
     )
     if ord == 2:
-        return jnp.sqrt(reduce([_abs2(x) for x in leaves], kind="sum"))
+        return _l2_norm(leaves, reduce, guard)
     if ord == 1:
         return reduce([_abs(x) for x in leaves], kind="sum")
     return reduce([_abs(x) for x in leaves], kind="max")
@@ -164,11 +291,12 @@ def _pnorm_jvp(
     ord: int | float,
     axes: Axes,
     axis_name: Any,
+    guard: bool,
     primals: tuple[tuple[jax.Array, ...]],
     tangents: tuple[tuple[jax.Array, ...]],
 ) -> tuple[jax.Array, jax.Array]:
     (leaves,), (dleaves,) = primals, tangents
-    norm = _pnorm(ord, axes, axis_name, leaves)
+    norm = _pnorm(ord, axes, axis_name, guard, leaves)
     dtype = norm.dtype
     total = functools.partial(
         _reduce, axes=axes, axis_name=axis_name, kind="sum", dtype=dtype
@@ -213,17 +341,23 @@ def _norm(
     ord: int | float | jax.Array,
     axes: Axes,
     axis_name: Any,
+    widened_from: Any = None,
 ) -> jax.Array:
     """Norm of inexact ``leaves`` for a canonical ``ord`` (Python or traced).
 
     ``axes=None`` gives the global norm of all leaves (a scalar); a tuple of
     axes gives the unit norms of the single leaf (keepdims).
     """
+    dtypes = [x.dtype for x in leaves]
+    if widened_from is not None:
+        dtypes.append(widened_from)
+    guard = any(needs_range_guard(d) for d in dtypes)
     if not isinstance(ord, jax.Array):
-        return _pnorm(ord, axes, axis_name, leaves)
+        return _pnorm(ord, axes, axis_name, guard, leaves)
     # Traced ``ord``: choose at run time; any other value gives NaN.
     branches: list[Callable[[tuple[jax.Array, ...]], jax.Array]] = [
-        functools.partial(_pnorm, valid, axes, axis_name) for valid in _VALID_ORDS
+        functools.partial(_pnorm, valid, axes, axis_name, guard)
+        for valid in _VALID_ORDS
     ]
     reference = jax.eval_shape(branches[1], leaves)
 
@@ -241,7 +375,8 @@ def tree_norm(
     """The ``ord``-norm of inexact ``leaves`` taken as one vector (a scalar).
 
     ``ord`` is canonical (see :func:`canonical_ord`); ``axis_name`` names the
-    mapped axes to combine across inside ``shard_map``/``pmap``, or ``None``.
+    manual axes to combine across inside ``shard_map``, or ``None`` (see
+    :func:`norm_optax._sharding.check_axis_name` for what is rejected).
     """
     return _norm(tuple(leaves), ord, None, axis_name)
 
@@ -252,9 +387,16 @@ def axes_norm(
     axes: tuple[int, ...],
     *,
     axis_name: Any,
+    widened_from: Any = None,
 ) -> jax.Array:
-    """The ``ord``-norm of ``x`` over ``axes`` (sorted, non-negative), keepdims."""
-    return _norm((x,), ord, axes, axis_name)
+    """The ``ord``-norm of ``x`` over ``axes`` (sorted, non-negative), keepdims.
+
+    ``widened_from``: the dtype ``x`` was widened from, if any (a projection
+    computes ``p + u`` in ``float32`` for ``bfloat16`` params); with
+    ``bfloat16`` the L2 norm gets the range guard of ``bfloat16`` leaves
+    (see the module note), which ``float32`` input alone does not.
+    """
+    return _norm((x,), ord, axes, axis_name, widened_from)
 
 
 def tree_total(parts: Sequence[jax.Array], kind: str, dtype: Any) -> jax.Array:

@@ -4,8 +4,17 @@ This is the only place that knows about devices. ``reduce_to_scalar`` turns
 elementwise parts (``|x|^2``, ``|x|``, ...) of every leaf into one scalar, with
 at most one cross-device all-reduce of a scalar and no all-gather:
 
-* inside ``shard_map``/``pmap`` (``axis_name`` given) the local total is
-  combined across the named axis with one ``psum``/``pmax``;
+* inside ``shard_map`` (``axis_name`` given) the local total is combined
+  across the named axes with one ``psum``/``pmax``. A leaf that does not
+  vary over a named axis (JAX's type of a value inside ``shard_map`` records
+  the manual axes it varies over: ``jax.typeof(x).vma``, spelled
+  ``manual_axis_type.varying`` in newer JAX) is replicated there and is
+  counted once: its partial total is kept on the device at index 0 of those
+  axes only, so the one ``psum`` stays one. Where that record is not kept
+  -- ``shard_map(check_vma=False)``, ``pmap`` (a ``shard_map`` without it),
+  a ``vmap`` axis -- replication cannot be known and :class:`ValueError` is
+  raised rather than a norm that may count a leaf once per device (see
+  :func:`check_axis_name`);
 * under ``jax.jit`` with leaves sharded on a mesh whose axes are
   ``Explicit`` (the default of :func:`jax.make_mesh`), the shardings are known
   at trace time. The per-device partial totals of all leaves are then added
@@ -42,7 +51,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
-__all__ = ["Role", "reduce_layers", "reduce_to_scalar"]
+__all__ = [
+    "Role",
+    "check_axis_name",
+    "combine_across",
+    "reduce_layers",
+    "reduce_to_scalar",
+]
 
 
 def _leaf_total(part: jax.Array, kind: str, dtype: np.dtype) -> jax.Array:
@@ -205,6 +220,111 @@ def _batched_plain(
 Role = Literal["any", "primal", "tangent"]
 
 
+# ---------------------------------------------------------------------------
+# ``axis_name``: which manual axes each value varies over.
+# ---------------------------------------------------------------------------
+
+
+def _axis_names(axis_name: Any) -> tuple[Any, ...]:
+    return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+
+def _manual_type(x: Any) -> tuple[frozenset[Any], frozenset[Any]] | None:
+    """The manual axes ``x`` varies over, and those it is unreduced over.
+
+    ``None`` where this JAX records neither (no ``vma`` on its types).
+    """
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)
+    if vma is not None:
+        return frozenset(vma), frozenset()
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is None:
+        return None
+    return frozenset(mat.varying), frozenset(mat.unreduced)
+
+
+def check_axis_name(axis_name: Any) -> tuple[Any, ...]:
+    """The named axes, after checking that JAX tracks what varies over them.
+
+    Inside ``jax.shard_map`` with ``check_vma=True`` (the default) JAX types
+    every value with the manual axes it varies over, so a replicated leaf can
+    be told from a sharded one. Elsewhere it cannot: the probe is
+    ``lax.axis_index``, which varies over its axis wherever that is tracked
+    (it compiles to nothing).
+
+    Raises:
+      ValueError: the axis is a ``vmap`` axis, a ``pmap`` axis, or an axis
+        of a ``shard_map(check_vma=False)``.
+    """
+    names = _axis_names(axis_name)
+    for name in names:
+        probe = _manual_type(jax.lax.axis_index(name))
+        if probe is None or name not in probe[0]:
+            raise ValueError(
+                f"axis_name={axis_name!r}: JAX does not record which values "
+                f"vary over the axis {name!r} here (jax.pmap, "
+                "jax.shard_map(check_vma=False) or a jax.vmap axis), so a "
+                "leaf replicated over it cannot be told from a sharded one and "
+                "would be counted once per device. Call it inside jax.shard_map "
+                "with check_vma=True (the default), with in_specs P(...) naming "
+                "the axis for leaves split across devices and P() for "
+                "replicated ones."
+            )
+    return names
+
+
+def _varying(part: jax.Array, names: tuple[Any, ...], axis_name: Any) -> set[Any]:
+    """The named axes ``part`` varies over (raises if it is unreduced on one)."""
+    found = _manual_type(part)
+    assert found is not None  # check_axis_name has run
+    varying, unreduced = found
+    if unreduced & set(names):
+        raise ValueError(
+            f"axis_name={axis_name!r}: a leaf is unreduced over "
+            f"{sorted(unreduced & set(names))} (a partial sum not yet added "
+            "up across devices); its norm is not a sum of per-device norms. "
+            "Reduce it (jax.lax.psum) first."
+        )
+    return set(varying) & set(names)
+
+
+def _ordered(axes: set[Any], names: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(name for name in names if name in axes)
+
+
+def _reduce_across(
+    parts: Sequence[jax.Array], kind: str, dtype: np.dtype, axis_name: Any
+) -> jax.Array:
+    """Local totals combined across ``axis_name``, replicated leaves once."""
+    names = check_axis_name(axis_name)
+    varies = [_varying(part, names, axis_name) for part in parts]
+    used = set().union(*varies)
+    totals = []
+    for part, axes in zip(parts, varies, strict=True):
+        total = _leaf_total(part, kind, dtype)
+        skip = _ordered(used - axes, names)
+        if kind == "sum" and skip:
+            # Replicated over ``skip``: one copy counts (a max needs no care).
+            total = jnp.where(_owner_mask(skip), total, jnp.zeros((), dtype))
+        totals.append(total)
+    total = _combine(totals, kind, dtype)
+    if not used:
+        return total
+    return _collective(total, kind, _ordered(used, names))
+
+
+def combine_across(x: jax.Array, kind: str, axis_name: Any) -> jax.Array:
+    """Per-unit totals ``x`` of one leaf combined across ``axis_name``.
+
+    Only over the named axes the leaf varies over: over the others every
+    device already holds the whole total (see :func:`check_axis_name`).
+    """
+    names = check_axis_name(axis_name)
+    axes = _ordered(_varying(x, names, axis_name), names)
+    return _collective(x, kind, axes) if axes else x
+
+
 def reduce_to_scalar(
     parts: Sequence[jax.Array],
     kind: str,
@@ -215,8 +335,9 @@ def reduce_to_scalar(
 ) -> jax.Array:
     """Sum (``kind="sum"``) or max (``kind="max"``) of all elements of ``parts``.
 
-    With ``axis_name`` (inside ``shard_map``/``pmap``), the local total is
-    combined across that axis with one ``psum``/``pmax``. Without it, when
+    With ``axis_name`` (inside ``shard_map``), the local totals are combined
+    across the named axes with one ``psum``/``pmax``, each leaf replicated
+    over a named axis counted once (see :func:`check_axis_name`). Without it, when
     the parts are sharded on one mesh whose axes are all ``Explicit``, the
     result costs a single all-reduce of one scalar over the mesh axes the
     parts are sharded on (see the module docstring); otherwise XLA inserts
@@ -227,7 +348,7 @@ def reduce_to_scalar(
         dtype (``float32`` or wider).
       kind: ``"sum"`` or ``"max"``; the max of nothing is ``0``.
       dtype: the dtype of the result.
-      axis_name: a mapped axis name (or tuple of names) to combine across.
+      axis_name: a manual axis name (or tuple of names) to combine across.
       role: how the result is differentiated, which decides how the fast
         (``shard_map``) path may be used. ``"tangent"``: the sum is the
         tangent of a ``custom_jvp`` rule, which reverse mode transposes; the
@@ -264,10 +385,9 @@ def reduce_to_scalar(
                 functools.partial(_batched_plain, kind=kind, dtype=dtype)
             )
             return batchable(list(parts))
-    total = _combine([_leaf_total(p, kind, dtype) for p in parts], kind, dtype)
-    if axis_name is None:
-        return total
-    return _collective(total, kind, axis_name)
+    if axis_name is not None:
+        return _reduce_across(parts, kind, np.dtype(dtype), axis_name)
+    return _combine([_leaf_total(p, kind, dtype) for p in parts], kind, dtype)
 
 
 # ---------------------------------------------------------------------------

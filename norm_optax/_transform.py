@@ -327,7 +327,9 @@ def _project(
         if target.kind == "element":
             t, keep = target.fn(x, c.leaf, values)
         elif target.kind == "unit":
-            norm = _norms.axes_norm(x, 2, c.leaf.axes, axis_name=None)
+            norm = _norms.axes_norm(
+                x, 2, c.leaf.axes, axis_name=None, widened_from=c.p.dtype
+            )
             scale = target.fn(norm, c.leaf, values)
             scale = jnp.where(jnp.isfinite(norm), scale, jnp.nan)
             t, keep = x * scale.astype(x.dtype), scale == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -270,22 +271,152 @@ def test_complex_gradient_matches_autodiff() -> None:
     chex.assert_trees_all_close(got, want, rtol=1e-6)
 
 
-def test_vmap_and_axis_name_combine_slices() -> None:
+def test_vmap_per_example_and_axis_name_over_a_vmap_axis_raises() -> None:
     x = jnp.asarray(np.random.default_rng(4).standard_normal((4, 6)), jnp.float32)
     per_row = jax.vmap(nox.global_norm)({"x": x})
     np.testing.assert_allclose(
         np.asarray(per_row), np.linalg.norm(np.asarray(x), axis=1), rtol=1e-6
     )
+    # A vmap axis does not record which values vary over it (an unbatched
+    # leaf would be counted once per example): raise rather than guess.
     for ord in ORDS:
-        whole = jax.vmap(
-            lambda row, o=ord: nox.global_norm({"x": row}, o, axis_name="i"),
+        with pytest.raises(ValueError, match="check_vma=True"):
+            jax.vmap(
+                lambda row, o=ord: nox.global_norm({"x": row}, o, axis_name="i"),
+                axis_name="i",
+            )(x)
+    with pytest.raises(ValueError, match="cannot be told from a sharded one"):
+        jax.vmap(
+            lambda row: nox.clip_by_global_norm(1.0, axis_name="i").update(row, None),
             axis_name="i",
         )(x)
+
+
+# ---------------------------------------------------------------------------
+# Half precision: no underflow or overflow of the squares (bfloat16 has
+# float32's exponent range; the fast pass squares in float32, a rescaled pass
+# runs only when that sum is out of range).
+# ---------------------------------------------------------------------------
+
+
+def _f64(x: jax.Array) -> np.ndarray:
+    return np.asarray(x.astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("value", [1e-19, 1e-25, 1e-30, 1e20, 1e30])
+def test_bf16_tiny_and_huge_values_keep_their_norm(value: float) -> None:
+    x = jnp.asarray(
+        value * np.random.default_rng(5).uniform(0.5, 2.0, (3, 8, 4)), jnp.bfloat16
+    )
+    ref = _f64(x)
+    l2 = functools.partial(np.linalg.norm, ord=None)
+    checks = {
+        "global": (
+            nox.global_norm({"x": x, "y": x[0]}),
+            l2(np.concatenate([ref.ravel(), ref[0].ravel()])),
+        ),
+        "leaf": (nox.leaf_norms({"x": x})["x"], l2(ref.ravel())),
+        "stacked": (
+            nox.leaf_norms({"x": x}, stack_axes=1)["x"],
+            np.sqrt(np.sum(ref**2, axis=(1, 2))),
+        ),
+        "unit": (
+            nox.unit_norms(x),
+            np.sqrt(np.sum(ref**2, axis=(0, 1), keepdims=True)),
+        ),
+        "unit[stack=1]": (
+            nox.unit_norms(x, stack_axes=1),
+            np.sqrt(np.sum(ref**2, axis=1, keepdims=True)),
+        ),
+    }
+    for name, (got, want) in checks.items():
         np.testing.assert_allclose(
-            np.asarray(whole),
-            np.full(4, np_global_norm([np.asarray(x)], ord)),
-            rtol=1e-6,
+            np.asarray(got, np.float64), want, rtol=1e-5, err_msg=name
         )
+
+
+def test_bf16_rescue_keeps_zero_nan_and_inf() -> None:
+    bf16 = jnp.bfloat16
+    assert float(nox.global_norm(jnp.zeros((5,), bf16))) == 0.0
+    assert np.all(np.asarray(nox.unit_norms(jnp.zeros((3, 2), bf16))) == 0.0)
+    tiny_and_nan = jnp.asarray([1e-30, jnp.nan], bf16)
+    assert math.isnan(float(nox.global_norm(tiny_and_nan)))
+    assert float(nox.global_norm(jnp.asarray([1e-30, jnp.inf], bf16))) == math.inf
+    # Above float32's range the true norm is infinite in the float32 result.
+    assert float(nox.global_norm(jnp.full((4,), 3e38, bf16))) == math.inf
+
+
+def test_bf16_tiny_gradient_is_finite_and_zero_at_zero() -> None:
+    x = jnp.full((4,), 1e-25, jnp.bfloat16)
+    got = jax.grad(lambda x: nox.global_norm({"x": x}))(x)
+    np.testing.assert_allclose(_f64(got), np.full(4, 0.5), rtol=1e-2)
+    unit = jax.grad(lambda x: jnp.sum(nox.unit_norms(x.reshape(2, 2))))(x)
+    np.testing.assert_allclose(_f64(unit), np.full(4, math.sqrt(0.5)), rtol=1e-2)
+    zero = jax.grad(lambda x: nox.global_norm({"x": x}))(jnp.zeros(4, jnp.bfloat16))
+    assert np.all(_f64(zero) == 0)
+
+
+def test_normalize_and_unit_norm_of_a_1e_25_bf16_tree() -> None:
+    g = {"w": jnp.asarray([[1e-25, -2e-25], [3e-25, 0.0]], jnp.bfloat16)}
+    tx = nox.normalize_by_global_norm(1.0)
+    out, _ = tx.update(g, tx.init(g))
+    assert float(nox.global_norm(out)) == pytest.approx(1.0, rel=1e-2)  # bf16 grid
+    # unit_norm (a projection) rescales each unit (column) of p + u to norm 1.
+    proj = nox.unit_norm()
+    params = {"w": jnp.asarray([[1e-25, 0.0], [-1e-25, 4e-26]], jnp.bfloat16)}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    u, _ = proj.update(zeros, proj.init(params), params)
+    new = optax.apply_updates(params, u)["w"]
+    np.testing.assert_allclose(np.linalg.norm(_f64(new), axis=0), [1.0, 1.0], rtol=1e-2)
+
+
+def test_bf16_rescue_stays_a_branch_under_vmap() -> None:
+    # The rescue's predicate is reduced over the batch, so vmap keeps the
+    # lax.cond (a batched predicate would make a select running both passes).
+    batch = jnp.ones((3, 5), jnp.bfloat16)
+    jaxpr = str(jax.make_jaxpr(jax.vmap(nox.global_norm))(batch))
+    assert "cond[" in jaxpr
+    got = jax.vmap(nox.global_norm)(batch.at[1].multiply(1e-30))
+    np.testing.assert_allclose(
+        np.asarray(got, np.float64), [5**0.5, 5**0.5 * 1e-30, 5**0.5], rtol=1e-2
+    )
+
+
+_MANTISSAS = hnp.arrays(
+    np.float64, (4, 3), elements=st.floats(-1.0, 1.0).filter(lambda v: abs(v) > 0.01)
+)
+
+
+@given(mantissas=_MANTISSAS, exponent=st.floats(-30.0, 30.0))
+def test_property_bf16_leaf_and_unit_norms_within_1e3_of_float64(
+    mantissas: np.ndarray, exponent: float
+) -> None:
+    x = jnp.asarray(mantissas * 10.0**exponent, jnp.bfloat16)
+    _check_leaf_and_unit_norms(x)
+
+
+@given(mantissas=_MANTISSAS, exponent=st.floats(-7.0, math.log10(6e4)))
+def test_property_f16_leaf_and_unit_norms_within_1e3_of_float64(
+    mantissas: np.ndarray, exponent: float
+) -> None:
+    x = jnp.asarray(mantissas * 10.0**exponent, jnp.float16)
+    _check_leaf_and_unit_norms(x)
+
+
+@functools.cache
+def _leaf_and_unit_norms() -> Any:
+    return jax.jit(lambda x: (nox.leaf_norms({"x": x})["x"], nox.unit_norms(x)))
+
+
+def _check_leaf_and_unit_norms(x: jax.Array) -> None:
+    ref = _f64(x)
+    leaf, unit = _leaf_and_unit_norms()(x)
+    np.testing.assert_allclose(float(leaf), np.linalg.norm(ref.ravel()), rtol=1e-3)
+    np.testing.assert_allclose(
+        np.asarray(unit, np.float64),
+        np.sqrt(np.sum(ref**2, axis=0, keepdims=True)),
+        rtol=1e-3,
+    )
 
 
 @given(
