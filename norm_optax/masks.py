@@ -6,7 +6,13 @@ The selectors here build that tree from a params tree of any kind: nested
 dicts, Flax Linen ``FrozenDict``, or the Flax NNX ``State`` that
 ``nnx.Optimizer`` passes to ``tx.update`` (the mask then has exactly that
 structure). The bools are Python bools, so the masks also work with
-:func:`optax.masked`.
+:func:`optax.masked`; given an NNX ``State`` of variable boxes
+(``nnx.state(model, nnx.Param)``) they return plain bools in place of the
+boxes, the structure of the bare arrays ``nnx.Optimizer`` passes to
+``tx.update``. A selector called with a bare integer (what
+:func:`optax.inject_hyperparams` passes to a callable argument not listed in
+its ``static_args``: the step count) raises ``TypeError`` saying to list the
+argument there, instead of selecting nothing.
 
 * :func:`matrices_only` -- leaves with ``ndim >= 2`` (kernels, embeddings),
   the usual "no decay on biases and norm scales";
@@ -183,10 +189,15 @@ def by_path(pattern: str | re.Pattern[str]) -> MaskFn:
       pattern: a regular expression (string or compiled).
 
     Returns:
-      A callable ``params -> tree of bools``, to pass as ``mask``.
+      A callable ``params -> tree of bools``, to pass as ``mask`` (or as
+      ``stack_axes``: ``True`` = 1), with plain bools in place of NNX
+      variable boxes.
 
     Raises:
       re.error: ``pattern`` is not a valid regular expression.
+      TypeError: (when called) on a bare integer, which is what
+        ``optax.inject_hyperparams`` passes to a callable not listed in its
+        ``static_args`` (the message says to list it).
 
     Example:
       >>> import jax.numpy as jnp

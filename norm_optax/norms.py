@@ -170,6 +170,19 @@ def unit_norms(
     never reduced: a stacked kernel ``(L, in, out)`` with ``s = 1`` reduces
     over ``in`` only (result ``(L, 1, out)``), one set of units per layer.
 
+    **Biases.** A bias has no fan-in. Equinox stores a convolution's bias
+    with size-1 broadcast axes, ``(out, 1, 1)``, where Flax stores
+    ``(out,)``. The per-unit transforms (``max_norm``, ``unit_norm``,
+    ``prox_group_l1``, ...) and ``masks.matrices_only`` see each leaf's key
+    path, and read a leaf named ``bias`` whose axes after the first all have
+    size 1 as that vector: one unit under ``None`` and ``"out_first"``,
+    never a matrix, exactly as its Flax twin. This function sees a bare
+    array, without its name, so size-1 axes are real axes here:
+    ``"out_first"`` on ``(out, 1)`` gives ``out`` units of one element each
+    (right for the weight of an Equinox ``Linear("scalar", out)``, whose Flax
+    twin is the kernel ``(1, out)``); for a broadcast bias pass
+    ``axis=tuple(range(x.ndim))``.
+
     Args:
       x: an inexact array.
       axis: ``None``, ``"out_first"``, an int or a tuple of ints (see above).
