@@ -88,7 +88,7 @@ def muon(
               \mathrm{polar}(m_t), \qquad
         p_{t+1} = p_t - \eta\,\bigl(k\, u_t + \lambda\, p_t\bigr),
 
-    where ``polar`` is the Newton–Schulz approximation of the polar factor
+    where ``polar`` is the Newton-Schulz approximation of the polar factor
     :math:`U V^\top` of :math:`U \Sigma V^\top` (its singular values lie in
     about ``[0.68, 1.21]`` with the ``"standard"`` coefficients, ``[0.85,
     1.15]`` with ``"polar_express"``), ``k`` the ``dims_scale`` factor
@@ -131,7 +131,7 @@ def muon(
       learning_rate: a number ``>= 0`` or an optax schedule.
       momentum: the momentum coefficient :math:`\mu`, in ``[0, 1]``.
       nesterov: Nesterov momentum (``g + mu * m``) instead of ``m``.
-      ns_steps: Newton–Schulz iterations (an int ``>= 1``).
+      ns_steps: Newton-Schulz iterations (an int ``>= 1``).
       ns_coeffs: ``"standard"``, ``"polar_express"``, one ``(a, b, c)`` or a
         sequence of them.
       weight_decay: decoupled weight decay of the Muon leaves (``>= 0``),
@@ -248,13 +248,13 @@ def scion(
         p_{t+1} = p_t - \eta\, \rho\, k\, d(m_t)
 
     (unconstrained), or with ``constrained=True`` the conditional-gradient
-    (Frank–Wolfe) step
+    (Frank-Wolfe) step
 
     .. math::
 
         p_{t+1} = (1 - \eta)\, p_t - \eta\, \rho\, k\, d(m_t),
 
-    a convex combination of :math:`p_t` and a point of the radius-``ρ``
+    a convex combination of :math:`p_t` and a point of the radius-``rho``
     ball for :math:`\eta \in [0, 1]`: iterates that start in the ball stay in
     it. :math:`d` and :math:`k` are those of :func:`scale_by_lmo` (by default
     ``norm="auto"``: the polar factor for matrices, scaled by
@@ -270,7 +270,7 @@ def scion(
         )
 
     where the decay with weight 1 before the learning rate turns
-    :math:`-\eta (u + p)` into exactly the Frank–Wolfe step above, also for a
+    :math:`-\eta (u + p)` into exactly the Frank-Wolfe step above, also for a
     schedule.
 
     **Against the authors' reference** (``LIONS-EPFL/scion`` at commit
@@ -293,13 +293,13 @@ def scion(
         a tree of those (``None``: pass through) or a callable.
       dims_scale: the shape factor ``k``: ``"spectral"`` (default),
         ``"muon"``, ``"rms"`` or ``None``.
-      constrained: the Frank–Wolfe step (weights stay in the ball).
+      constrained: the Frank-Wolfe step (weights stay in the ball).
       axis: the axis convention of the matrices (``None``: Flax ``(in,
         out)``; ``"out_first"``: ``(out, in)``; a tree or callable).
       stack_axes: the leading axes that index layers (an int, a tree or a
         callable).
       method: ``"newton_schulz"`` or ``"svd"`` for the spectral norm.
-      ns_steps: Newton–Schulz iterations (an int ``>= 1``).
+      ns_steps: Newton-Schulz iterations (an int ``>= 1``).
       ns_coeffs: ``"standard"``, ``"polar_express"`` or the user's own.
 
     Returns:

@@ -134,14 +134,17 @@ def _run(tx: optax.GradientTransformation, params: Any, grads: list[Any]) -> Any
     "settings",
     [
         {"learning_rate": 0.02, "momentum": 0.9},
-        {
-            "learning_rate": optax.cosine_decay_schedule(0.05, 6),
-            "momentum": 0.8,
-            "weight_decay": 0.1,
-            "adam_learning_rate": 3e-3,
-            "adam_weight_decay": 0.01,
-            "adam_b2": 0.99,
-        },
+        pytest.param(
+            {
+                "learning_rate": optax.cosine_decay_schedule(0.05, 6),
+                "momentum": 0.8,
+                "weight_decay": 0.1,
+                "adam_learning_rate": 3e-3,
+                "adam_weight_decay": 0.01,
+                "adam_b2": 0.99,
+            },
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["defaults", "schedule-decay-adam"],
 )
@@ -222,7 +225,11 @@ def _transposed(tree: dict[str, Any]) -> dict[str, Any]:
     return {k: v.T if v.ndim == 2 else v for k, v in tree.items()}
 
 
-@pytest.mark.parametrize("constrained", [False, True], ids=["unconstrained", "fw"])
+@pytest.mark.parametrize(
+    "constrained",
+    [pytest.param(False, marks=pytest.mark.slow), True],
+    ids=["unconstrained", "fw"],
+)
 def test_scion_follows_the_reference(constrained: bool) -> None:
     params = normal_tree(0, TORCH_LAYOUT, scale=0.2)
     grads = [_grads(t, TORCH_LAYOUT) for t in range(5)]
@@ -235,21 +242,19 @@ def test_scion_follows_the_reference(constrained: bool) -> None:
         scale=radius,
         unconstrained=not constrained,
     )
-    settings = {"beta": 1 - momentum, "constrained": constrained}
+    beta = 1 - momentum
     out_first, _ = _run(
-        nox.scion(lr, radius, axis="out_first", **settings), params, grads
+        nox.scion(lr, radius, beta=beta, constrained=constrained, axis="out_first"),
+        params,
+        grads,
     )
-    _assert_close(
-        _f64(out_first), want, rtol=1e-5, atol=1e-5 * radius * lr
-    )
+    _assert_close(_f64(out_first), want, rtol=1e-5, atol=1e-5 * radius * lr)
     flax, _ = _run(
-        nox.scion(lr, radius, **settings),
+        nox.scion(lr, radius, beta=beta, constrained=constrained),
         _transposed(params),
         [_transposed(g) for g in grads],
     )
-    _assert_close(
-        _f64(_transposed(flax)), want, rtol=1e-5, atol=1e-5 * radius * lr
-    )
+    _assert_close(_f64(_transposed(flax)), want, rtol=1e-5, atol=1e-5 * radius * lr)
 
 
 def _f64(tree: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -261,9 +266,12 @@ def _assert_close(
 ) -> None:
     assert set(got) == set(want)
     for key in want:
-        np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=atol, err_msg=key)
+        np.testing.assert_allclose(
+            got[key], want[key], rtol=rtol, atol=atol, err_msg=key
+        )
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("x64")
 def test_scion_follows_the_reference_in_float64() -> None:
     params = normal_tree(0, TORCH_LAYOUT, dtype=jnp.float64, scale=0.2)
@@ -278,12 +286,11 @@ def test_scion_follows_the_reference_in_float64() -> None:
             scale=2.0,
             unconstrained=not constrained,
         )
-        tx = nox.scion(
-            0.1, 2.0, beta=0.5, constrained=constrained, axis="out_first"
-        )
+        tx = nox.scion(0.1, 2.0, beta=0.5, constrained=constrained, axis="out_first")
         got, _ = _run(tx, params, grads)
-        # The reference adds 1e-8 to the bias RMS; otherwise the same maths.
-        _assert_close(_f64(got), want, rtol=1e-7, atol=1e-9)
+        # The reference adds 1e-8 to the bias RMS (a relative 1e-8 / rms on
+        # the bias steps); otherwise the same maths.
+        _assert_close(_f64(got), want, rtol=1e-6, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------
@@ -291,6 +298,7 @@ def test_scion_follows_the_reference_in_float64() -> None:
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_schedules_scale_every_update_by_their_value() -> None:
     """Without decay every update is linear in the learning rate (Adam's too)."""
@@ -332,7 +340,10 @@ def _singular_values(matrix: Any) -> np.ndarray:
 @pytest.mark.standard_promotion
 @pytest.mark.parametrize(
     ("coeffs", "low", "high"),
-    [("standard", 0.68, 1.21), ("polar_express", 0.85, 1.15)],
+    [
+        ("standard", 0.68, 1.21),
+        pytest.param("polar_express", 0.85, 1.15, marks=pytest.mark.slow),
+    ],
 )
 def test_muon_updates_have_singular_values_in_range(
     coeffs: str, low: float, high: float
@@ -348,13 +359,16 @@ def test_muon_updates_have_singular_values_in_range(
     k = math.sqrt(max(1.0, 32 / 64))
     for layer in range(3):
         sv = _singular_values(-kernel[layer] / (lr * k))
-        assert low <= sv.min() and sv.max() <= high, (layer, sv.min(), sv.max())
+        assert low <= sv.min(), (layer, sv.min())
+        assert sv.max() <= high, (layer, sv.max())
     # The biases went to Adam: its first step is lr * sign(g), elementwise.
     bias = np.asarray(updates["layers"]["bias"])
     np.testing.assert_allclose(np.abs(bias), lr, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["svd", "newton_schulz"])
+@pytest.mark.parametrize(
+    "method", ["svd", pytest.param("newton_schulz", marks=pytest.mark.slow)]
+)
 def test_constrained_scion_stays_inside_its_radius(method: str) -> None:
     """Frank-Wolfe: a convex combination of the iterate and a point of the ball.
 
@@ -384,7 +398,8 @@ def test_constrained_scion_stays_inside_its_radius(method: str) -> None:
             assert max(rms) <= 1.0 + 1e-5, max(rms)
             assert max(sigma) > 0.5  # it moved towards the boundary
         else:  # the same steps without the constraint leave the ball
-            assert max(sigma) > bound and max(rms) > 1.0 + 1e-5
+            assert max(sigma) > bound
+            assert max(rms) > 1.0 + 1e-5
 
 
 # ---------------------------------------------------------------------------
@@ -420,6 +435,7 @@ def _nnx_twin_runs(name: str) -> tuple[Any, Any]:
     return lay._unstack_nnx(got), want
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_nnx_stacked_model_trains_with_muon_as_unstacked() -> None:
     got, want = _nnx_twin_runs("muon")
@@ -460,7 +476,8 @@ def test_optax_contrib_muon_default_labelling_on_a_stacked_model() -> None:
         g = np.asarray(blocks[path[0]][path[1]], np.float64)
         scale = math.sqrt(max(1.0, g.shape[1] / g.shape[0]))
         sv = _singular_values(-leaf / (lr * scale))
-        assert sv.min() >= 0.68 and sv.max() <= 1.21, (path, sv)
+        assert sv.min() >= 0.68, (path, sv)
+        assert sv.max() <= 1.21, (path, sv)
         # ... which is not what each layer's own direction would be.
         assert not np.allclose(np.abs(leaf), lr, rtol=1e-3), path
 
@@ -472,14 +489,21 @@ def test_optax_contrib_muon_default_labelling_on_a_stacked_model() -> None:
     kernel = np.asarray(ours_u["blocks"]["linear"]["kernel"])
     for layer in range(kernel.shape[0]):
         sv = _singular_values(-kernel[layer] / lr)
-        assert sv.min() >= 0.68 and sv.max() <= 1.21, (layer, sv)
+        assert sv.min() >= 0.68, (layer, sv)
+        assert sv.max() <= 1.21, (layer, sv)
     for path in (("linear", "bias"), ("norm", "scale"), ("norm", "bias")):
         leaf = np.asarray(ours_u["blocks"][path[0]][path[1]])
         g = np.asarray(blocks[path[0]][path[1]])
         np.testing.assert_allclose(leaf, -lr * np.sign(g), rtol=1e-4)
 
-    # Trained a few steps, the stacked model with optax's labelling is not
-    # the unstacked model trained by optax.contrib.muon.
+
+@pytest.mark.slow
+@pytest.mark.standard_promotion
+def test_optax_contrib_muon_trains_a_stacked_model_differently() -> None:
+    """Trained a few steps, the stacked model with optax's labelling is not
+    the unstacked model trained by ``optax.contrib.muon``."""
+    lr = 0.05
+    params = nnx.to_pure_dict(nnx.state(lay._stacked_nnx("layers"), nnx.Param))
     naive = lay._train_nnx(lay._stacked_nnx("layers"), optax.contrib.muon(lr))
     unstacked = lay.NnxUnstacked(nnx.Rngs(1))
     state = nnx.state(unstacked, nnx.Param)
@@ -519,10 +543,10 @@ def test_equinox_model_trains_as_flax_layout(name: str) -> None:
     lay._assert_differs(lay._flax_layout(transposed)["blocks"], want["blocks"])
 
 
+@pytest.mark.slow
 def test_equinox_params_keep_none_leaves_and_modules() -> None:
     params = eqx.filter(lay._eqx_model(), eqx.is_inexact_array)
     tx = nox.scion(0.1, stack_axes=nox.masks.by_path("^layers/"), axis="out_first")
     updates, _ = tx.update(params, tx.init(params), params)
     assert updates.activation is None
     assert isinstance(updates, eqx.Module)
-

@@ -28,6 +28,7 @@ from tests.cases import CASES, Case, make_tree, step_updates
 from tests.conftest import rtol, to_f64
 from tests.test_api import TRANSFORMS
 
+
 def _marks(case: Case) -> list[pytest.MarkDecorator]:
     marks = [pytest.mark.slow] if case.variant else []
     if case.standard_promotion:  # built on optax's AdamW (see conftest.py)

@@ -195,7 +195,9 @@ def test_geometry_part_checks_what_each_promises(quick_run: Any) -> None:
     # the constrained run's largest layer stays below radius * k.
     config = GeometryConfig.quick()
     sigma = runs["scion_constrained"]["sigmas"]["dense1"]
-    assert sigma <= config.constrained_radius * math.sqrt(config.hidden[0] / 64) * (1 + 1e-5)
+    assert sigma <= config.constrained_radius * math.sqrt(config.hidden[0] / 64) * (
+        1 + 1e-5
+    )
 
 
 def test_missing_extra_names_the_install_command(

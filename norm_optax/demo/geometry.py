@@ -6,14 +6,14 @@ the same weights and sees the same batches; only the optimizer changes:
 
 * ``adamw``: ``optax.adamw(lr, weight_decay=wd)``, the baseline;
 * ``muon``: ``nox.muon(lr, adam_learning_rate=adam_lr)``: each kernel's
-  momentum orthogonalised (Newton–Schulz), the biases to AdamW;
+  momentum orthogonalised (Newton-Schulz), the biases to AdamW;
 * ``scion``: ``nox.scion(lr, radius)``: steepest descent under the spectral
   norm for the kernels and the RMS norm for the biases (``norm="auto"``);
 * ``scion_constrained``: ``nox.scion(lr, radius, constrained=True,
-  method="svd")``: the conditional-gradient (Frank–Wolfe) step
+  method="svd")``: the conditional-gradient (Frank-Wolfe) step
   ``p <- (1 - lr) p - lr radius k d(m)``, whose iterates stay in the
   radius-ball when they start there (the exact polar factor, so that the
-  ball is exact; with Newton–Schulz its "unit" ball reaches 1.21).
+  ball is exact; with Newton-Schulz its "unit" ball reaches 1.21).
 
 Every number printed comes from the run: the per-layer spectral norms of the
 weights (``numpy.linalg.svd``) over training; for Muon, the singular values
@@ -170,8 +170,8 @@ def train(
 ) -> GeometryResult:
     """Trains one MLP with ``tx`` (functional loop over ``nnx.split``)."""
     x_train, y_train, x_test, y_test = data
-    graphdef, params = nnx.split(MLP(config.hidden, nnx.Rngs(seed)), nnx.Param)
-    params = nnx.to_pure_dict(params)
+    graphdef, state = nnx.split(MLP(config.hidden, nnx.Rngs(seed)), nnx.Param)
+    params = nnx.to_pure_dict(state)
     opt_state = tx.init(params)
     is_muon = name == "muon"
     momentum = 0.95  # nox.muon's default
@@ -297,7 +297,7 @@ def format_table(results: Sequence[GeometryResult]) -> str:
 def constrained_ratios(
     result: GeometryResult, radius: float
 ) -> dict[str, tuple[float, float]]:
-    """Per layer: (sigma_max / (radius k), rms(bias) / radius) of the trained weights."""
+    """Per layer: ``sigma_max / (radius k)`` and ``rms(bias) / radius``."""
     out = {}
     for layer in LAYERS:
         kernel = result.kernels[layer]
