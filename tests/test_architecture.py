@@ -28,6 +28,7 @@ TECHNIQUES = {
     "_stateful",
     "_zclip",
     "_telemetry",
+    "plotting",
     "masks",
 }
 FLOORS = {

@@ -4,8 +4,11 @@ Part 1 (:mod:`norm_optax.demo.exploding`) trains a tanh RNN on the adding
 problem with and without gradient clipping; part 2
 (:mod:`norm_optax.demo.constraints`) trains a small Flax NNX CNN on the 8x8
 digits with L2/L1 decay, the L1 and group-lasso proximal steps and weight
-constraints (per unit, per element, spectral). Each part prints a table and
-writes a PNG to ``--out``. Needs the ``examples`` extra::
+constraints (per unit, per element, spectral); part 3
+(:mod:`norm_optax.demo.telemetry`) records per-layer norms of a 12-layer
+stacked residual MLP with :func:`norm_optax.record_layer_norms`, unclipped
+(it diverges) and clipped. Each part prints a table and writes a PNG to
+``--out``. Needs the ``examples`` extra::
 
     pip install "norm-optax[examples]"
     python -m norm_optax.demo            # full run, about two minutes on 2 CPU cores
@@ -24,9 +27,10 @@ from norm_optax.demo._extras import INSTALL_HINT, require_extras
 
 __all__ = ["INSTALL_HINT", "main"]
 
-PARTS = ("exploding", "constraints")
+PARTS = ("exploding", "constraints", "telemetry")
 EXPLODING_PNG = "demo_exploding.png"
 CONSTRAINTS_PNG = "demo_constraints.png"
+TELEMETRY_PNG = "demo_telemetry.png"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=PARTS,
         default=list(PARTS),
-        help="which parts to run (default: both)",
+        help="which parts to run (default: all)",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="do not draw the progress bar"
@@ -78,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     import jax
 
-    from norm_optax.demo import constraints, exploding
+    from norm_optax.demo import constraints, exploding, telemetry
     from norm_optax.demo._progress import Progress
 
     out: pathlib.Path = args.out
@@ -87,11 +91,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     cnn_config = (
         constraints.CNNConfig.quick() if args.quick else constraints.CNNConfig()
     )
+    tel_config = (
+        telemetry.TelemetryConfig.quick() if args.quick else telemetry.TelemetryConfig()
+    )
     total = 0
     if "exploding" in args.parts:
         total += rnn_config.steps * len(exploding.clippers(rnn_config))
     if "constraints" in args.parts:
         total += cnn_config.steps * len(constraints.transforms(cnn_config))
+    if "telemetry" in args.parts:
+        total += tel_config.steps * len(telemetry.transforms(tel_config))
     print(
         f"norm_optax demo ({'quick' if args.quick else 'full'} run, seed "
         f"{args.seed}) on {jax.default_backend()}: {jax.devices()}",
@@ -133,6 +142,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             print(line)
         path = out / CONSTRAINTS_PNG
         constraints.plot(results_2).savefig(path, dpi=90)
+        print(f"\nwrote {path}", flush=True)
+
+    if "telemetry" in args.parts:
+        results_3 = telemetry.run_all(tel_config, args.seed, on_chunk=progress.update)
+        progress.close()
+        rows += [r.row() for r in results_3]
+        c3 = tel_config
+        print(
+            f"\nPart 3: per-layer norms. Residual MLP, {c3.layers} stacked layers "
+            f"of width {c3.width} (lax.scan), on the 8x8 digits, SGD lr "
+            f"{c3.learning_rate} momentum {c3.momentum}, {c3.steps} steps of batch "
+            f"{c3.batch}, recorded with nox.record_layer_norms.\n"
+        )
+        print(telemetry.format_table(results_3))
+        path = out / TELEMETRY_PNG
+        telemetry.plot(results_3).savefig(path, dpi=130)
         print(f"\nwrote {path}", flush=True)
 
     print(f"\ndone in {time.perf_counter() - started:.1f} s", flush=True)
