@@ -325,10 +325,10 @@ def plot(results: Sequence[TelemetryResult], steps: int | None = None) -> Figure
     fig = Figure(figsize=(13, 3.2 * len(results) + 0.6), layout="constrained")
     axes = fig.subplots(len(results), 2, squeeze=False)
     grad_range, ratio_range = limits("grad_norms"), limits("update_ratios")
-    # Above 1e4 times the smallest value, one colour: the finite runs keep
+    # Above 1e6 times the smallest value, one colour: the finite runs keep
     # their detail, an explosion shows as the top colour and then red.
-    grad_range = (grad_range[0], min(grad_range[1], 1e4 * grad_range[0]))
-    ratio_range = (ratio_range[0], min(ratio_range[1], 1e4 * ratio_range[0]))
+    grad_range = (grad_range[0], min(grad_range[1], 1e6 * grad_range[0]))
+    ratio_range = (ratio_range[0], min(ratio_range[1], 1e6 * ratio_range[0]))
     for (ax_grad, ax_ratio), r in zip(axes, results, strict=True):
         cut = slice(None, steps)
         grads = {k: v[cut] for k, v in r.grad_norms.items()}
