@@ -32,6 +32,7 @@ TECHNIQUES = {
     "_stateful",
     "_zclip",
     "_telemetry",
+    "plotting",
     "masks",
     "_lmo",
 }

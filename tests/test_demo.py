@@ -211,3 +211,31 @@ def test_missing_extra_names_the_install_command(
     assert INSTALL_HINT in message
     assert INSTALL_HINT == 'pip install "norm-optax[examples]"'
     assert not list(tmp_path.iterdir())  # nothing ran
+
+
+# Part 3: per-layer norms with record_layer_norms.
+def test_telemetry_shows_where_and_when_the_unclipped_run_diverges(
+    quick_run: Any,
+) -> None:
+    out, rows, stdout, _ = quick_run
+    runs = _rows(rows, "telemetry")
+    assert list(runs) == ["unclipped", "clipped"]
+    unclipped, clipped = runs["unclipped"], runs["clipped"]
+    assert unclipped["layers"] == clipped["layers"] == 14  # embed, 12 stacked, readout
+    # Unclipped: a layer's gradient norm grows 100x, later the norms turn
+    # non-finite; the recorded history says when and where.
+    assert unclipped["first_explosion_step"] is not None
+    assert unclipped["first_nonfinite_step"] is not None
+    assert unclipped["first_explosion_step"] <= unclipped["first_nonfinite_step"]
+    assert unclipped["first_explosion_layer"].startswith(
+        ("embed", "layers/", "readout")
+    )
+    assert not math.isfinite(unclipped["final_loss"])
+    # Clipped: every recorded norm finite, and it learns.
+    assert clipped["first_nonfinite_step"] is None
+    assert math.isfinite(clipped["max_grad_norm"])
+    assert clipped["test_accuracy"] > 0.8
+    assert "| unclipped |" in stdout
+    path = out / "demo_telemetry.png"
+    assert path.stat().st_size > 10_000
+    assert f"wrote {path}" in stdout

@@ -37,6 +37,7 @@ import urllib.parse
 import pytest
 
 import norm_optax
+import norm_optax.plotting
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -57,7 +58,8 @@ def public_names() -> set[str]:
     """Fully qualified public names: ``norm_optax.x`` and ``norm_optax.masks.y``."""
     top = {f"norm_optax.{n}" for n in norm_optax.__all__ if n not in NOT_OBJECTS}
     masks = {f"norm_optax.masks.{n}" for n in norm_optax.masks.__all__}
-    return top | masks
+    plotting = {f"norm_optax.plotting.{n}" for n in norm_optax.plotting.__all__}
+    return top | masks | plotting
 
 
 def listed_names() -> dict[str, str]:

@@ -268,3 +268,36 @@ def test_layer_norms_dict_keys_and_values() -> None:
     assert math.isnan(got["stats/layers/kernel/1"])
     assert nox.layer_norms_dict({"a": 1.0}) == {"a": 1.0}
     assert nox.layer_norms_dict({}, prefix="x") == {}
+
+
+def test_heatmap_helper_draws_a_real_figure(tmp_path: Any) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from norm_optax.plotting import layer_norms_heatmap, layer_rows
+
+    history = {  # 6 steps; layer 1 of the stack turns NaN at step 5
+        "embed": np.linspace(1.0, 2.0, 6),
+        "layers": np.stack([np.full(3, 0.5 + t) for t in range(6)]),
+    }
+    history["layers"][4:, 1] = np.nan
+    names, values = layer_rows(history)
+    assert names == ["embed", "layers/0", "layers/1", "layers/2"]
+    assert values.shape == (4, 6)
+    image = layer_norms_heatmap(history, title="gradient norm")
+    shown = image.get_array()
+    assert shown is not None
+    assert shown.shape == (4, 6)
+    assert np.ma.getmaskarray(shown).sum() == 2  # the NaNs, drawn in red
+    ax = image.axes
+    assert ax.get_title() == "gradient norm"
+    assert ax.get_xlabel() == "step"
+    assert [t.get_text() for t in ax.get_yticklabels()] == names
+    path = tmp_path / "heatmap.png"
+    figure = ax.get_figure(root=True)
+    assert figure is not None
+    figure.savefig(path, dpi=120)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="steps axis"):
+        layer_rows({"a": np.float32(1.0)})

@@ -7,7 +7,10 @@ digits with L2/L1 decay, the L1 and group-lasso proximal steps and weight
 constraints (per unit, per element, spectral); part 3
 (:mod:`norm_optax.demo.geometry`) trains a small MLP on the same digits with
 AdamW, Muon and Scion (unconstrained and constrained) and checks what each
-promises. Each part prints a table and writes a PNG to ``--out``. Needs the
+promises; part 4 (:mod:`norm_optax.demo.telemetry`) records per-layer norms
+of a 12-layer stacked residual MLP with
+:func:`norm_optax.record_layer_norms`, unclipped (it diverges) and clipped.
+Each part prints a table and writes a PNG to ``--out``. Needs the
 ``examples`` extra::
 
     pip install "norm-optax[examples]"
@@ -27,10 +30,11 @@ from norm_optax.demo._extras import INSTALL_HINT, require_extras
 
 __all__ = ["INSTALL_HINT", "main"]
 
-PARTS = ("exploding", "constraints", "geometry")
+PARTS = ("exploding", "constraints", "geometry", "telemetry")
 EXPLODING_PNG = "demo_exploding.png"
 CONSTRAINTS_PNG = "demo_constraints.png"
 GEOMETRY_PNG = "demo_geometry.png"
+TELEMETRY_PNG = "demo_telemetry.png"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     import jax
 
-    from norm_optax.demo import constraints, exploding, geometry
+    from norm_optax.demo import constraints, exploding, geometry, telemetry
     from norm_optax.demo._progress import Progress
 
     out: pathlib.Path = args.out
@@ -95,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     geo_config = (
         geometry.GeometryConfig.quick() if args.quick else geometry.GeometryConfig()
     )
+    tel_config = (
+        telemetry.TelemetryConfig.quick() if args.quick else telemetry.TelemetryConfig()
+    )
     total = 0
     if "exploding" in args.parts:
         total += rnn_config.steps * len(exploding.clippers(rnn_config))
@@ -102,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         total += cnn_config.steps * len(constraints.transforms(cnn_config))
     if "geometry" in args.parts:
         total += geo_config.steps * len(geometry.optimizers(geo_config))
+    if "telemetry" in args.parts:
+        total += tel_config.steps * len(telemetry.transforms(tel_config))
     print(
         f"norm_optax demo ({'quick' if args.quick else 'full'} run, seed "
         f"{args.seed}) on {jax.default_backend()}: {jax.devices()}",
@@ -163,6 +172,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             print(line)
         path = out / GEOMETRY_PNG
         geometry.plot(results_3).savefig(path, dpi=90)
+        print(f"\nwrote {path}", flush=True)
+
+    if "telemetry" in args.parts:
+        results_4 = telemetry.run_all(tel_config, args.seed, on_chunk=progress.update)
+        progress.close()
+        rows += [r.row() for r in results_4]
+        c4 = tel_config
+        print(
+            f"\nPart 4: per-layer norms. Residual MLP, {c4.layers} stacked layers "
+            f"of width {c4.width} (lax.scan), on the 8x8 digits, SGD lr "
+            f"{c4.learning_rate} momentum {c4.momentum}, {c4.steps} steps of batch "
+            f"{c4.batch}, recorded with nox.record_layer_norms.\n"
+        )
+        print(telemetry.format_table(results_4))
+        path = out / TELEMETRY_PNG
+        telemetry.plot(results_4).savefig(path, dpi=130)
         print(f"\nwrote {path}", flush=True)
 
     print(f"\ndone in {time.perf_counter() - started:.1f} s", flush=True)
