@@ -43,9 +43,8 @@ DOCS = ROOT / "docs"
 API = DOCS / "api"
 # Names in __all__ that are not objects with a page of their own.
 NOT_OBJECTS = {"__version__", "masks"}
-# Pages whose code is run elsewhere (the migration guide, by test_migrating)
-# or is made of fragments (scaling_out.md continues the README's examples).
-NOT_RUN = {"guides/migrating.md", "scaling_out.md"}
+# Pages whose code is run elsewhere (the migration guide, by test_migrating).
+NOT_RUN = {"guides/migrating.md"}
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 REPOSITORY = "https://github.com/norm-optax/norm_optax"
 # The internal contract file: the docs say what it says, never cite it.
