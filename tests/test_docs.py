@@ -180,12 +180,18 @@ def code_blocks() -> list[tuple[str, int, str]]:
 
 
 BLOCKS = code_blocks()
+# Pages whose blocks train a model in each framework or build meshes: run by
+# the slow step of .ci/run, so that the default run stays short.
+SLOW_PAGES = {"getting_started.md", "scaling_out.md"}
 
 
 @pytest.mark.standard_promotion  # the pages' code runs as users run it
 @pytest.mark.parametrize(
     ("page", "index", "code"),
-    BLOCKS,
+    [
+        pytest.param(*block, marks=[pytest.mark.slow] if block[0] in SLOW_PAGES else [])
+        for block in BLOCKS
+    ],
     ids=[f"{page}:{index}" for page, index, _ in BLOCKS],
 )
 def test_page_code_runs(page: str, index: int, code: str) -> None:
