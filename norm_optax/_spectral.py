@@ -314,6 +314,21 @@ def clip_spectral_norm(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Spectral norm clipping: bounds the largest singular value of every matrix.
 
+    **In short.** Place it last, after the learning rate. After each step,
+    every weight matrix whose largest singular value is above ``max_value``
+    is scaled down onto it (a Lipschitz bound on each layer); biases and
+    norm scales pass through. One power-iteration step per update
+    (``num_iters=1``), warm-started from one vector per matrix kept in the
+    state, is enough on weights that move slowly; ``state.sigma`` holds the
+    current estimates, to log::
+
+        tx = optax.chain(optax.adam(1e-3), nox.clip_spectral_norm(2.0))
+
+    Pass ``stack_axes`` for stacked layers and ``axis="out_first"`` for
+    weights stored ``(out, in)`` (see :doc:`Layouts </layouts>`).
+
+    .. rubric:: Reference details
+
     For every matrix :math:`W` of the proposed parameters :math:`x = p + u`,
     with :math:`\hat\sigma` the estimate of its largest singular value,
 

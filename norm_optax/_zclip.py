@@ -117,6 +117,24 @@ def zclip(
 ) -> optax.GradientTransformationExtraArgs:
     r"""ZClip: clips global-norm spikes found by a z-score against an EMA.
 
+    **In short.** With its defaults, ``nox.zclip()`` clips the global norm of
+    the gradient at ``max_norm=1.0`` on every step (as
+    :func:`clip_by_global_norm` does) and, after a warm-up of
+    ``warmup_steps=25`` steps, also cuts *spikes*: a norm whose z-score
+    against an exponential moving average (``alpha=0.97``) of the recent
+    norms is above ``z_threshold=2.5`` is cut to
+    :math:`\mu + z_{\mathrm{thr}}^2\sigma / z` (the larger the spike, the
+    harder the cut). ``max_norm=None`` removes the ceiling and leaves the
+    z-score rule on its own. Place it first, before the optimizer::
+
+        tx = optax.chain(nox.zclip(), optax.adamw(3e-4))
+
+    Its state, :class:`ZClipState`, is four scalars (the mean and variance
+    of the norm, the finite steps seen, the spikes found). Version 0.2
+    changed its behaviour to that of its authors' code (see the Changelog).
+
+    .. rubric:: Reference details
+
     This is ZClip as the authors' reference implementation behaves
     (``zclip/zclip.py`` of `bluorion-com/ZClip
     <https://github.com/bluorion-com/ZClip>`_ at commit

@@ -214,14 +214,20 @@ for _ in range(steps):
     for name in ("input_norm", "output_norm"):
         log[name].append(float(optax.tree.get(optimizer.opt_state, name)))
 
-fig, (ax_loss, ax_norm) = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained")
-ax_loss.plot(log["loss"])
-ax_loss.set(yscale="log", xlabel="step", title="training loss")
-ax_norm.plot(log["input_norm"], label="input_norm (pre-clip)")
-ax_norm.plot(log["output_norm"], label="output_norm (post-clip)")
-ax_norm.set(yscale="log", xlabel="step", title="global gradient norm")
-ax_norm.legend()
-plt.show()""",
+with plt.rc_context({"font.size": 11, "figure.dpi": 130}):
+    fig, (ax_loss, ax_norm) = plt.subplots(1, 2, figsize=(10, 3.6), layout="tight")
+    ax_loss.plot(log["loss"], color="#0072B2", lw=2)
+    ax_loss.set(yscale="log", xlabel="step", ylabel="MSE", title="Training loss")
+    before, after = log["input_norm"], log["output_norm"]
+    ax_norm.plot(before, color="#D55E00", lw=2, label="input_norm (before the clip)")
+    ax_norm.plot(after, color="#009E73", lw=2, ls="--", label="output_norm (after it)")
+    ax_norm.axhline(1.0, color="0.5", ls=":", lw=1)  # the clip threshold
+    ax_norm.set(yscale="log", xlabel="step", ylabel="global gradient norm")
+    ax_norm.set_title("Gradient norm")
+    ax_norm.legend()
+    for ax in (ax_loss, ax_norm):
+        ax.grid(alpha=0.3)
+    plt.show()""",
     ),
     (
         "markdown",
@@ -519,17 +525,19 @@ panels = [
     ("prox_l1: conv2", l1["conv2/kernel"]),
     ("prox_group_l1: conv2", group["conv2/kernel"]),
 ]
-fig, axes = plt.subplots(1, 3, figsize=(12, 3), layout="constrained")
-for ax, (title, kernel) in zip(axes, panels, strict=True):
-    units = kernel.reshape(-1, kernel.shape[-1]).T  # one row per output unit
-    dead = int(np.sum(np.all(units == 0, axis=1)))
-    ax.imshow(units != 0, cmap="gray", aspect="auto", interpolation="nearest")
-    ax.set(
-        title=f"{title}: {np.mean(kernel == 0):.0%} zeros, {dead} zero units",
-        xlabel="inputs of a unit",
-        ylabel="unit",
-    )
-plt.show()
+with plt.rc_context({"font.size": 11, "figure.dpi": 130}):
+    fig, axes = plt.subplots(3, 1, figsize=(10, 7.5), layout="constrained")
+    for ax, (title, kernel) in zip(axes, panels, strict=True):
+        units = kernel.reshape(-1, kernel.shape[-1]).T  # one row per output unit
+        dead = int(np.sum(np.all(units == 0, axis=1)))
+        ax.imshow(units != 0, cmap="gray", aspect="auto", interpolation="nearest")
+        ax.set_title(
+            f"{title}: {np.mean(kernel == 0):.0%} of the weights zero, "
+            f"{dead} of {len(units)} units zero",
+            loc="left",
+        )
+        ax.set(xlabel="inputs of a unit", ylabel="unit")
+    plt.show()
 for name, (zeros, total) in by_name["prox_group_l1"].zero_units.items():
     print(f"prox_group_l1 {name:13s} {zeros:3d} of {total} units exactly zero")""",
     ),
@@ -549,13 +557,15 @@ from its state, so the check below recomputes it exactly, with
     (
         "code",
         """\
+layers = list(by_name["plain"].sigmas)
 lines = [
-    "| layer | " + " | ".join(by_name) + " |",
-    "|---" + "|---:" * len(by_name) + "|",
+    "| run | " + " | ".join(layers) + " |",
+    "|---" + "|---:" * len(layers) + "|",
 ]
-for layer in by_name["plain"].sigmas:
-    sigmas = " | ".join(f"{r.sigmas[layer]:.4g}" for r in by_name.values())
-    lines.append(f"| {layer} | {sigmas} |")
+for r in by_name.values():  # one row per run: clip_spectral_norm is in view
+    sigmas = " | ".join(f"{r.sigmas[layer]:.4g}" for layer in layers)
+    name = f"**{r.name}**" if r.name == "clip_spectral_norm" else r.name
+    lines.append(f"| {name} | {sigmas} |")
 title = f"**Largest singular value per layer (bound {config.spectral_norm:g})**"
 display(Markdown(title + "\\n\\n" + "\\n".join(lines)))""",
     ),

@@ -44,9 +44,8 @@ DOCS = ROOT / "docs"
 API = DOCS / "api"
 # Names in __all__ that are not objects with a page of their own.
 NOT_OBJECTS = {"__version__", "masks"}
-# Pages whose code is run elsewhere (the migration guide, by test_migrating)
-# or is made of fragments (scaling_out.md continues the README's examples).
-NOT_RUN = {"guides/migrating.md", "scaling_out.md"}
+# Pages whose code is run elsewhere (the migration guide, by test_migrating).
+NOT_RUN = {"guides/migrating.md"}
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 REPOSITORY = "https://github.com/norm-optax/norm_optax"
 # The internal contract file: the docs say what it says, never cite it.
@@ -183,12 +182,18 @@ def code_blocks() -> list[tuple[str, int, str]]:
 
 
 BLOCKS = code_blocks()
+# Pages whose blocks train a model in each framework or build meshes: run by
+# the slow step of .ci/run, so that the default run stays short.
+SLOW_PAGES = {"getting_started.md", "scaling_out.md"}
 
 
 @pytest.mark.standard_promotion  # the pages' code runs as users run it
 @pytest.mark.parametrize(
     ("page", "index", "code"),
-    BLOCKS,
+    [
+        pytest.param(*block, marks=[pytest.mark.slow] if block[0] in SLOW_PAGES else [])
+        for block in BLOCKS
+    ],
     ids=[f"{page}:{index}" for page, index, _ in BLOCKS],
 )
 def test_page_code_runs(page: str, index: int, code: str) -> None:

@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         )
         print(exploding.format_table(results))
         path = out / EXPLODING_PNG
-        exploding.plot(results).savefig(path, dpi=90)
+        exploding.plot(results).savefig(path, dpi=130)
         print(f"\nwrote {path}", flush=True)
 
     if "constraints" in args.parts:
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         for line in constraints.checks(results_2, cnn_config):
             print(line)
         path = out / CONSTRAINTS_PNG
-        constraints.plot(results_2).savefig(path, dpi=90)
+        constraints.plot(results_2).savefig(path, dpi=130)
         print(f"\nwrote {path}", flush=True)
 
     if "geometry" in args.parts:

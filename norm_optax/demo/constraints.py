@@ -421,24 +421,70 @@ def checks(results: Sequence[ConstraintResult], config: CNNConfig) -> list[str]:
     return lines
 
 
+# Text large enough to read when the figure is shown at the width of a page.
+_FONT: dict[Any, Any] = {
+    "font.size": 11,
+    "axes.titlesize": 11,
+    "legend.fontsize": 10,
+    "figure.dpi": 130,
+}
+_REFERENCE = "plain"
+
+
 def plot(results: Sequence[ConstraintResult]) -> Figure:
-    """Test-accuracy curves and histograms of the kernels' unit norms."""
+    """Small multiples: the unit norms of the trained kernels, one panel per run.
+
+    Each panel is a histogram of the L2 norm of every unit (output channel or
+    feature) of the run's kernels, titled with its final test accuracy; the
+    unconstrained run (``plain``) is drawn in grey in every other panel, so
+    that what each technique did to the norms shows against the same
+    reference.
+    """
+    import matplotlib
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    ax_acc, ax_hist = fig.subplots(1, 2)
+    columns = 3
+    rows = -(-len(results) // columns)
     all_norms = np.concatenate([r.unit_norms for r in results])
     bins = np.linspace(0.0, float(np.max(all_norms)) * 1.02 + 1e-6, 40)
-    for r in results:
-        (line,) = ax_acc.plot(r.eval_steps, r.test_accuracy, lw=1.4, label=r.name)
-        ax_hist.hist(
-            r.unit_norms, bins=bins, histtype="step", lw=1.4, color=line.get_color()
+    reference = next((r for r in results if r.name == _REFERENCE), None)
+    with matplotlib.rc_context(_FONT):
+        fig = Figure(figsize=(10, 2.3 * rows + 0.9), layout="constrained")
+        axes = fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False)
+        for ax, r in zip(axes.flat, results, strict=False):
+            if reference is not None and r is not reference:
+                ax.hist(
+                    reference.unit_norms,
+                    bins=bins,
+                    color="0.8",
+                    label=f"{_REFERENCE} (no constraint)",
+                )
+            ax.hist(
+                r.unit_norms,
+                bins=bins,
+                histtype="step",
+                lw=2.0,
+                color="#0072B2",
+                label=r.name,
+            )
+            ax.set_title(
+                f"{r.name}: accuracy {r.test_accuracy[-1]:.3f}",
+                loc="left",
+                fontsize=11,
+            )
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=10)
+        for ax in axes.flat[len(results) :]:
+            ax.set_visible(False)
+        for ax in axes[-1]:
+            ax.set_xlabel("unit L2 norm")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("units")
+        grey = f"; grey: {_REFERENCE}, no constraint" if reference is not None else ""
+        fig.suptitle(
+            f"Unit L2 norms of the trained kernels, one per output channel or "
+            f"feature{grey}",
+            x=0.01,
+            ha="left",
         )
-    ax_acc.set(xlabel="step", ylabel="test accuracy", title="Test accuracy")
-    fig.legend(loc="outside right center", fontsize=8)
-    ax_hist.set(
-        xlabel="unit L2 norm (per output channel / feature)",
-        ylabel="number of units",
-        title="Unit norms of the trained kernels",
-    )
     return fig

@@ -320,59 +320,111 @@ def _moving_average(x: np.ndarray, window: int) -> np.ndarray:
     return np.concatenate([np.full(window - 1, np.nan), smooth])
 
 
+# Plot styles: the Okabe-Ito colours (distinct also to colour-blind
+# readers), each with its own line style, and text large enough to read
+# when the figure is shown at the width of a page.
+_STYLES = [
+    ("#0072B2", "-"),
+    ("#D55E00", "--"),
+    ("#009E73", "-."),
+    ("#CC79A7", ":"),
+    ("#E69F00", (0, (5, 1, 1, 1))),
+]
+_FONT: dict[Any, Any] = {
+    "font.size": 11,
+    "axes.titlesize": 11,
+    "legend.fontsize": 10,
+    "figure.dpi": 130,
+}
+# Which runs share a panel: the transforms that clip alike.
+_GROUPS = {
+    BASELINE: "no clipping",
+    "clip_by_value": "per element / per leaf",
+    "clip_by_norm": "per element / per leaf",
+    "clip_by_global_norm": "global norm",
+    "normalize_by_global_norm": "global norm",
+}
+_ADAPTIVE = "adaptive threshold"
+
+
+def _groups(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
+    groups: dict[str, list[RunResult]] = {}
+    for r in results:
+        groups.setdefault(_GROUPS.get(r.name, _ADAPTIVE), []).append(r)
+    return groups
+
+
 def plot(
     results: Sequence[RunResult],
     window: int = 25,
     loss_top: float = 1e2,
     norm_top: float = 1e4,
 ) -> Figure:
-    """Loss and pre-clip gradient norm per step (log scale), one line per run.
+    """Loss and pre-clip gradient norm per step (log scale), in small multiples.
 
-    The y axes stop at ``loss_top`` and ``norm_top``; a cross on the top edge
-    marks the first step at which a run leaves the plot (or turns non-finite).
+    One column per kind of clip (no clipping, per element or leaf, global
+    norm, adaptive threshold), at most a few runs per panel, each with its
+    own colour and line style; the unclipped run is repeated in grey in every
+    other column for reference. The y axes stop at ``loss_top`` and
+    ``norm_top``; a cross on the top edge marks the first step at which a run
+    leaves the plot (or turns non-finite).
     """
+    import matplotlib
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    ax_loss, ax_norm = fig.subplots(1, 2)
-    for ax, top, series in (
-        (ax_loss, loss_top, "loss"),
-        (ax_norm, norm_top, "grad_norm"),
-    ):
-        lows = []
-        for r in results:
-            values = getattr(r, series)
-            steps = np.arange(1, len(values) + 1)
-            smooth = _moving_average(values, window)
-            label = r.name if series == "loss" else None  # one legend entry
-            (line,) = ax.plot(steps, smooth, lw=1.2, label=label)
-            finite = smooth[np.isfinite(smooth)]
-            if finite.size:
-                lows.append(float(np.min(finite)))
-            off = np.nonzero(~np.isfinite(values) | (values > top))[0]
-            if off.size:
-                ax.plot(
-                    off[0] + 1,
-                    top,
-                    "x",
-                    ms=10,
-                    mew=2.5,
-                    color=line.get_color(),
-                    clip_on=False,
-                )
-        ax.set_yscale("log")
-        ax.set_ylim(0.5 * min(lows, default=top / 10), top)
-        ax.set_xlabel("step")
-    ax_loss.axhline(1 / 6, color="gray", ls=":", lw=1, label="predict the mean")
-    ax_loss.set(
-        ylabel="training loss (MSE)",
-        title=f"Loss ({window}-step mean; x = run blew up)",
-    )
-    ax_norm.set(
-        ylabel="global gradient norm",
-        title=f"Pre-clip gradient norm ({window}-step mean)",
-    )
-    fig.legend(loc="outside right center", fontsize=8)
+    groups = _groups(results)
+    baseline = next((r for r in results if r.name == BASELINE), None)
+    with matplotlib.rc_context(_FONT):
+        fig = Figure(figsize=(2.6 * len(groups) + 0.6, 6.0), layout="constrained")
+        axes = fig.subplots(2, len(groups), sharex=True, sharey="row", squeeze=False)
+        for column, (title, runs) in enumerate(groups.items()):
+            for row, (top, series) in enumerate(
+                ((loss_top, "loss"), (norm_top, "grad_norm"))
+            ):
+                ax = axes[row, column]
+                if baseline is not None and baseline not in runs:
+                    values = _moving_average(getattr(baseline, series), window)
+                    ax.plot(values, color="0.75", lw=1.2, label="no clipping")
+                for i, r in enumerate(runs):
+                    colour, style = _STYLES[i % len(_STYLES)]
+                    values = getattr(r, series)
+                    steps = np.arange(1, len(values) + 1)
+                    label = r.name if r.name != BASELINE else "no clipping"
+                    ax.plot(
+                        steps,
+                        _moving_average(values, window),
+                        color=colour,
+                        ls=style,
+                        lw=1.8,
+                        label=label,
+                    )
+                    off = np.nonzero(~np.isfinite(values) | (values > top))[0]
+                    if off.size:
+                        ax.plot(
+                            off[0] + 1,
+                            top,
+                            "x",
+                            ms=11,
+                            mew=3,
+                            color=colour,
+                            clip_on=False,
+                        )
+                ax.set_yscale("log")
+                ax.set_ylim(None, top)
+                ax.grid(alpha=0.3)
+                ax.tick_params(labelsize=10)
+                if row == 0:
+                    ax.axhline(1 / 6, color="black", ls=":", lw=1)
+                    ax.set_title(title)
+                    ax.legend(loc="upper right", handlelength=2.2)
+                else:
+                    ax.set_xlabel("step")
+        axes[0, 0].set_ylabel("training loss (MSE)")
+        axes[1, 0].set_ylabel("pre-clip gradient norm")
+        fig.suptitle(
+            f"{window}-step means; x = the run blew up; dotted: the loss of "
+            "predicting the mean"
+        )
     return fig
 
 
@@ -408,36 +460,41 @@ def _clip_factor(r: RunResult) -> np.ndarray:
 
 
 def plot_clip_factors(results: Sequence[RunResult], window: int = 25) -> Figure:
-    """Per run: pre- and post-clip gradient norm, and the clip factor, per step."""
+    """Per run, one row: pre- and post-clip gradient norm, and the clip factor."""
+    import matplotlib
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    ax_norm, ax_factor = fig.subplots(1, 2)
-    for r in results:
-        steps = np.arange(1, len(r.loss) + 1)
-        (line,) = ax_norm.plot(
-            steps, _moving_average(r.grad_norm, window), lw=1.0, alpha=0.5
-        )
-        ax_norm.plot(
-            steps,
-            _moving_average(r.clipped_norm, window),
-            lw=1.5,
-            color=line.get_color(),
-            label=r.name,
-        )
-        ax_factor.plot(steps, _clip_factor(r), ".", ms=2, color=line.get_color())
-    ax_norm.set(
-        yscale="log",
-        ylim=(None, 1e4),
-        xlabel="step",
-        ylabel="global gradient norm",
-        title=f"Pre-clip (faint) and post-clip (bold) norm ({window}-step mean)",
-    )
-    ax_factor.set(
-        yscale="log",
-        xlabel="step",
-        ylabel="post-clip / pre-clip norm",
-        title="Clip factor per step (1 = not clipped)",
-    )
-    fig.legend(loc="outside right center", fontsize=8)
+    with matplotlib.rc_context(_FONT):
+        fig = Figure(figsize=(10, 2.3 * len(results) + 0.8), layout="constrained")
+        axes = fig.subplots(len(results), 2, sharex=True, squeeze=False)
+        for i, (r, (ax_norm, ax_factor)) in enumerate(zip(results, axes, strict=True)):
+            colour, _ = _STYLES[i % len(_STYLES)]
+            steps = np.arange(1, len(r.loss) + 1)
+            ax_norm.plot(
+                steps,
+                _moving_average(r.grad_norm, window),
+                color="0.55",
+                lw=1.4,
+                ls="--",
+                label="before the clip",
+            )
+            ax_norm.plot(
+                steps,
+                _moving_average(r.clipped_norm, window),
+                color=colour,
+                lw=2.0,
+                label="after the clip",
+            )
+            ax_factor.plot(steps, _clip_factor(r), ".", ms=3, color=colour)
+            ax_norm.set(yscale="log", ylabel="gradient norm")
+            ax_norm.set_title(r.name, loc="left", fontweight="bold")
+            ax_factor.set(yscale="log", ylabel="after / before")
+            for ax in (ax_norm, ax_factor):
+                ax.grid(alpha=0.3)
+                ax.tick_params(labelsize=10)
+        axes[0, 0].legend(loc="upper right")
+        axes[0, 1].set_title("clip factor per step (1 = not clipped)")
+        axes[-1, 0].set_xlabel("step")
+        axes[-1, 1].set_xlabel("step")
+        fig.suptitle(f"Global gradient norm ({window}-step mean) and clip factor")
     return fig
