@@ -151,6 +151,17 @@ def test_every_notebook_is_in_the_readme_and_the_gallery() -> None:
         )
 
 
+def test_readme_scaling_out_names_every_function_taking_axis_name() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.partition("## Scaling out")[2].partition("\n## ")[0]
+    missing = [
+        name
+        for name in public_functions_taking("axis_name")
+        if f"`{name.rpartition('.')[2]}`" not in section
+    ]
+    assert not missing, f"README's Scaling out does not name {missing}"
+
+
 def test_user_facing_text_never_cites_the_internal_contract() -> None:
     texts = [
         *DOCS.rglob("*.md"),
