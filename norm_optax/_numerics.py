@@ -10,17 +10,24 @@ Private, on the floor below the techniques (it imports only ``_types``):
   with a finite gradient where the denominator is 0), :func:`scale_leaf`
   (a leaf times a scale in the wider of its dtype and ``float32``, cast once);
 * **soft thresholding** -- :func:`soft_threshold`, the prox of the L1 norm;
-* **landing** -- :func:`land`: the update, in the parameter's dtype, that
+* **landing** -- :func:`land`: the update, in the *update's* dtype, that
   moves ``p`` onto a target computed in wide precision, so that what
-  :func:`optax.apply_updates` computes lies in the constraint set. Rounded
-  toward zero for inequality constraints (a bound holds after the rounding),
-  to nearest for equality constraints (no bias);
-* :func:`inner_bound` -- a norm bound aimed a few ulps inside, so that the
-  rounding of the norm itself cannot push a unit over.
+  :func:`optax.apply_updates` computes (``p + u'`` in the promoted dtype,
+  cast to ``p``'s: :func:`reach`) lies in the constraint set, for every pair
+  of dtypes. For inequality constraints the new parameter is the target or
+  lies just past it in the direction the projection moved (a bound holds
+  after the rounding); equality constraints land to nearest (no bias).
+  :func:`land_units` lands a unit norm constraint in half precision and
+  mixed dtypes, where ``p + u'`` can only reach a coarse grid: to nearest,
+  the unit's new norm checked and its target rescaled when it misses, so a
+  unit lands as near its target norm as the grid allows (never zeroed);
+* :func:`inner_bound`, :func:`outer_bound` -- a norm bound aimed a few ulps
+  inside, so that the rounding of the norm itself cannot push a unit over.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import jax
@@ -32,9 +39,14 @@ from norm_optax._types import Scalar, accumulation_dtype
 __all__ = [
     "Landing",
     "add_scaled",
+    "applied_dtype",
     "clip_scale",
     "inner_bound",
     "land",
+    "land_units",
+    "needs_unit_check",
+    "outer_bound",
+    "reach",
     "real_dtype",
     "safe_ratio",
     "scale_leaf",
@@ -43,8 +55,6 @@ __all__ = [
     "wide_sum",
     "widen",
 ]
-
-Landing = Literal["toward_zero", "nearest"]
 
 _MARGIN_ULPS = 4  # how far inside a norm bound the targets are aimed
 
@@ -136,14 +146,46 @@ def soft_threshold(x: jax.Array, theta: jax.Array) -> jax.Array:
 
 
 def inner_bound(value: Scalar, dtype: Any) -> jax.Array:
-    """``value`` (a norm bound) in ``dtype``, aimed a few ulps inside."""
+    """``value`` (an upper norm bound) in ``dtype``, aimed a few ulps inside."""
     eps = jnp.finfo(dtype).eps
     return jnp.asarray(value).astype(dtype) * (1 - _MARGIN_ULPS * eps)
 
 
+def outer_bound(value: Scalar, dtype: Any) -> jax.Array:
+    """``value`` (a lower norm bound) in ``dtype``, aimed a few ulps outside."""
+    eps = jnp.finfo(dtype).eps
+    return jnp.asarray(value).astype(dtype) * (1 + _MARGIN_ULPS * eps)
+
+
 # ---------------------------------------------------------------------------
-# Landing a target in the parameter's dtype.
+# Landing a target: the update, in the update's dtype, that optax.apply_updates
+# turns into new parameters at (or just past) the target.
 # ---------------------------------------------------------------------------
+
+Landing = Literal["bound", "nearest"]
+
+_CHECK_ULPS = 32  # a unit's landed norm is checked this far inside its bounds
+_CHECK_ROUNDS = 8  # corrections of a unit's target scale before the fallback
+
+
+def applied_dtype(p_dtype: Any, u_dtype: Any) -> np.dtype:
+    """The dtype :func:`optax.apply_updates` adds ``p + u`` in (jax's promotion)."""
+    with jax.numpy_dtype_promotion("standard"):
+        return np.dtype(jnp.promote_types(p_dtype, u_dtype))
+
+
+def reach(p: jax.Array, v: jax.Array) -> jax.Array:
+    """The new parameter :func:`optax.apply_updates` computes from ``p`` and ``v``.
+
+    ``p + v`` in the promoted dtype of both, cast to ``p``'s dtype: the exact
+    arithmetic of optax, written without implicit promotion.
+    """
+    dtype = applied_dtype(p.dtype, v.dtype)
+    return (p.astype(dtype) + v.astype(dtype)).astype(p.dtype)
+
+
+def _narrower(a: Any, b: Any) -> bool:
+    return bool(jnp.finfo(a).bits < jnp.finfo(b).bits)
 
 
 def toward_zero(t: jax.Array, dtype: Any) -> jax.Array:
@@ -155,82 +197,233 @@ def toward_zero(t: jax.Array, dtype: Any) -> jax.Array:
     return jnp.where(over, jnp.nextafter(near, jnp.zeros_like(near)), near)
 
 
-def _neighbours(u: jax.Array) -> tuple[jax.Array, jax.Array]:
-    down = jnp.nextafter(u, jnp.full_like(u, -jnp.inf))
-    up = jnp.nextafter(u, jnp.full_like(u, jnp.inf))
-    return down, up
+def _directed(t: jax.Array, dtype: Any, up: bool) -> jax.Array:
+    """``t`` rounded to ``dtype`` down (``up=False``) or up, in ``t``'s dtype."""
+    near = t.astype(dtype)
+    wide = near.astype(t.dtype)
+    wrong = wide < t if up else wide > t
+    step = jnp.full_like(near, jnp.inf if up else -jnp.inf)
+    return jnp.where(wrong, jnp.nextafter(near, step), near).astype(t.dtype)
 
 
-def _land_toward_zero(p: jax.Array, t: jax.Array) -> jax.Array:
-    dtype = p.dtype
-    target = toward_zero(t, dtype)
-    u = (target.astype(t.dtype) - p.astype(t.dtype)).astype(dtype)
-    new = p + u  # exactly what optax.apply_updates computes
-    zero = jnp.zeros((), dtype)
-    high, low = jnp.maximum(target, zero), jnp.minimum(target, zero)
-    # ``u`` is ``target - p`` rounded to nearest: if ``p + u`` overshoots, the
-    # neighbour of ``u`` on the other side of ``target - p`` does not.
-    down, up = _neighbours(u)
-    return jnp.where(new > high, down, jnp.where(new < low, up, u))
+def _step(v: jax.Array, up: bool) -> jax.Array:
+    return jnp.nextafter(v, jnp.full_like(v, jnp.inf if up else -jnp.inf))
 
 
-def _land_nearest(p: jax.Array, t: jax.Array) -> jax.Array:
-    dtype = p.dtype
-    u = (t - p.astype(t.dtype)).astype(dtype)
-    down, up = _neighbours(u)
+def _land_bound(p: jax.Array, u: jax.Array, x: jax.Array, t: jax.Array) -> jax.Array:
+    """Elementwise: the update that lands ``p`` at ``t`` or just past it.
 
-    def error(v: jax.Array) -> jax.Array:
-        return jnp.abs((p + v).astype(t.dtype) - t)
+    "Past" is in the direction ``x`` moved to reach ``t``, never across zero
+    when ``t`` is not zero: an element moved down lands in ``[0, t]`` (or
+    below ``t`` if ``t <= 0``), one moved up in ``[t, 0]`` (or above ``t`` if
+    ``t >= 0``). Whatever a projection moves is then inside its set after
+    :func:`optax.apply_updates`: boxes, the orthant, and (every element no
+    larger than its target) norm bounds. The nearest update is tried first;
+    if the new parameter misses that interval, the update's neighbour on the
+    other side of ``t - p`` does not (one step of the update's grid crosses
+    the exact difference, and ``p + v`` rounds monotonically in ``v``).
+    """
+    wide = t.dtype
+    v = (t - p.astype(wide)).astype(u.dtype)
+    up = t > x
+    inf = jnp.asarray(jnp.inf, wide)
+    zero = jnp.zeros((), wide)
+    lo = jnp.where(up, t, jnp.where(t > 0, zero, -inf))
+    hi = jnp.where(up, jnp.where(t < 0, zero, inf), t)
+    if _narrower(p.dtype, wide):  # the interval's ends in the parameter's grid
+        lo, hi = _directed(lo, p.dtype, up=True), _directed(hi, p.dtype, up=False)
+    new = reach(p, v).astype(wide)
+    return jnp.where(new > hi, _step(v, False), jnp.where(new < lo, _step(v, True), v))
 
-    # ``p + u`` rounds twice; one of the neighbours of ``u`` may land closer.
-    best = jnp.where(error(down) < error(u), down, u)
-    best = jnp.where(error(up) < error(best), up, best)
-    exact_zero = t == 0
-    return jnp.where(exact_zero, -p, best)
+
+def _land_nearest(p: jax.Array, t: jax.Array, dtype: Any) -> jax.Array:
+    return (t - p.astype(t.dtype)).astype(dtype)
 
 
-def _land_real(p: jax.Array, t: jax.Array, landing: Landing) -> jax.Array:
-    t = jnp.real(t)
-    if landing == "nearest":
-        return _land_nearest(p, t)
-    return _land_toward_zero(p, t)
+def _land_real(
+    p: jax.Array, u: jax.Array, x: jax.Array, t: jax.Array, landing: Landing
+) -> jax.Array:
+    v = (
+        _land_nearest(p, t, u.dtype)
+        if landing == "nearest"
+        else _land_bound(p, u, x, t)
+    )
+    return jnp.where(t == x, u, v)
 
 
 def _make_land(landing: Landing) -> Any:
     @jax.custom_jvp
-    def landed(p: jax.Array, t: jax.Array) -> jax.Array:
-        p = jnp.asarray(p)  # (a Python float primal under jax.grad)
+    def landed(p: jax.Array, u: jax.Array, x: jax.Array, t: jax.Array) -> jax.Array:
+        p, u = jnp.asarray(p), jnp.asarray(u)  # (Python float primals under jax.grad)
         if jnp.iscomplexobj(p):
             return jax.lax.complex(
-                _land_real(p.real, t.real, landing),
-                _land_real(p.imag, t.imag, landing),
+                _land_real(p.real, u.real, x.real, t.real, landing),
+                _land_real(p.imag, u.imag, x.imag, t.imag, landing),
             )
-        return _land_real(p, t, landing)
+        return _land_real(p, u, x, jnp.real(t), landing)
 
     @landed.defjvp
-    def _jvp(
-        primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]
-    ) -> tuple[jax.Array, jax.Array]:
-        p, t = primals
-        dp, dt = tangents
+    def _jvp(primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]) -> Any:
+        p, u, x, t = primals
+        dp, _, _, dt = tangents
         if not jnp.iscomplexobj(p):
             dt = jnp.real(dt)
-        return landed(p, t), (dt - dp.astype(dt.dtype)).astype(p.dtype)
+        return landed(p, u, x, t), (dt - dp.astype(dt.dtype)).astype(u.dtype)
 
     return landed
 
 
-_LANDED = {"toward_zero": _make_land("toward_zero"), "nearest": _make_land("nearest")}
+_LANDED = {"bound": _make_land("bound"), "nearest": _make_land("nearest")}
 
 
-def land(p: jax.Array, t: jax.Array, landing: Landing) -> jax.Array:
-    """The update, in ``p``'s dtype, that moves ``p`` onto the target ``t``.
+def land(
+    p: jax.Array, u: jax.Array, x: jax.Array, t: jax.Array, landing: Landing
+) -> jax.Array:
+    """The update, in ``u``'s dtype, that moves ``p`` onto the target ``t``.
 
-    ``t`` is in ``p``'s accumulation precision. With ``"toward_zero"``,
-    ``fl(p + land(p, t))`` lies between ``0`` and ``t`` rounded toward zero
-    (never larger in magnitude than the exact target: bounds hold); with
-    ``"nearest"`` it is the representable value nearest to ``t`` that
-    ``p + u`` can reach (no bias, for equality constraints). It is exactly
-    ``0`` where ``t`` is ``0``. The derivative is that of ``t - p``.
+    ``x`` is ``p + u`` and ``t`` the projection of it, both in the
+    accumulation precision. Where ``t == x`` the update is ``u`` itself.
+    Elsewhere, with ``"bound"``, the new parameter that
+    :func:`optax.apply_updates` computes, ``fl(p + u')``, is ``t`` or lies
+    just past it in the direction the projection moved ``x`` (never across
+    zero): bounds hold after the rounding, in every pair of dtypes. With
+    ``"nearest"`` it is ``t - p`` rounded once to ``u``'s dtype (for
+    equality constraints, no bias). A NaN target gives NaN. The derivative is
+    that of ``t - p``.
     """
-    return _LANDED[landing](p, t)
+    return _LANDED[landing](p, u, x, t)
+
+
+def needs_unit_check(p_dtype: Any, u_dtype: Any) -> bool:
+    """Whether a unit's landed norm must be checked (see :func:`land_units`).
+
+    Elementwise landing is exact enough only where the update has the
+    parameter's dtype and that is its own accumulation precision (float32,
+    float64, complex): then ``t - p`` and ``p + u'`` round at most once each
+    on the grid of the target.
+    """
+    if jnp.issubdtype(p_dtype, jnp.complexfloating):
+        return False
+    same = np.dtype(p_dtype) == np.dtype(u_dtype)
+    return not (same and accumulation_dtype(p_dtype) == np.dtype(p_dtype))
+
+
+def land_units(
+    p: jax.Array,
+    u: jax.Array,
+    x: jax.Array,
+    t: jax.Array,
+    axes: tuple[int, ...],
+    goal: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    landing: Landing = "bound",
+) -> jax.Array:
+    """Per unit: the update whose landed norm is near ``goal``, within ``[lo, hi]``.
+
+    For half precision and mixed dtypes, where ``p + u'`` can only reach a
+    coarse grid. ``t`` is the target (``x`` scaled per unit), ``goal`` its
+    unit norms (keepdims), ``[lo, hi]`` the bounds a unit must keep. Each unit
+    is landed to nearest and its new norm (from the values
+    :func:`optax.apply_updates` stores, in the accumulation precision)
+    checked; a unit outside its window (within one rounding ``eps`` of the
+    update's grid of ``goal`` for a unit the target moves, and a few ulps
+    inside ``[lo, hi]``) has its target rescaled by the ratio it missed by
+    and is landed again, a few times at most. A unit still outside
+    ``[lo, hi]`` then falls back to the elementwise landing of :func:`land`
+    (every element at most its target: the bound holds). A unit is never
+    zeroed unless its target is. With ``"nearest"`` (an equality such as a
+    unit norm) ``[lo, hi]`` is only the window aimed at: a unit the grid
+    cannot land inside it keeps its nearest try. The derivative is that of
+    ``t - p``.
+    """
+    return _land_units(axes, landing, p, u, x, t, goal, lo, hi)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _land_units(
+    axes: tuple[int, ...],
+    landing: Landing,
+    p: jax.Array,
+    u: jax.Array,
+    x: jax.Array,
+    t: jax.Array,
+    goal: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+) -> jax.Array:
+    wide = t.dtype
+    grid = p.dtype if _narrower(p.dtype, u.dtype) else u.dtype
+    eps = jnp.asarray(jnp.finfo(grid).eps, wide)
+    margin = _CHECK_ULPS * jnp.finfo(wide).eps
+    lo, hi, goal = lo.astype(wide), hi.astype(wide), goal.astype(wide)
+    lo_c, hi_c = lo * (1 + margin), hi * (1 - margin)
+    same = t == x
+    moved = ~jnp.all(same, axis=axes, keepdims=True)
+    aim = jnp.clip(goal, lo_c, hi_c)
+    win_lo = jnp.where(moved, jnp.maximum(lo_c, aim * (1 - eps)), lo_c)
+    win_hi = jnp.where(moved, jnp.minimum(hi_c, aim * (1 + eps)), hi_c)
+    pw = p.astype(wide)
+
+    def landed(f: jax.Array) -> jax.Array:
+        v = (t * f - pw).astype(u.dtype)
+        return jnp.where(same & (f == 1), u, v)
+
+    def norm(v: jax.Array) -> jax.Array:
+        new = reach(p, v).astype(wide)
+        return jnp.sqrt(jnp.sum(new * new, axis=axes, keepdims=True))
+
+    def bad(n: jax.Array) -> jax.Array:
+        return (n > win_hi) | (n < win_lo)
+
+    def cond(state: tuple[Any, ...]) -> jax.Array:
+        k, _, _, n, _, _ = state
+        return (k < _CHECK_ROUNDS) & jnp.any(bad(n))
+
+    def keep_best(
+        v: jax.Array, n: jax.Array, best: jax.Array, n_best: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        # The best try so far within the bounds themselves (the margin only
+        # guards the rounding of the norm), nearest the aimed norm; a zero
+        # unit only if its target is zero.
+        inside = (n > 0) | (goal == 0)
+        if landing == "bound":
+            inside &= (n <= hi) & (n >= lo)
+        better = inside & (jnp.abs(n - aim) < jnp.abs(n_best - aim))
+        return jnp.where(better, v, best), jnp.where(better, n, n_best)
+
+    def body(state: tuple[Any, ...]) -> tuple[Any, ...]:
+        k, f, v, n, best, n_best = state
+        miss = bad(n)
+        centre = (win_lo + win_hi) / 2
+        ratio = jnp.where(n > 0, centre / jnp.where(n > 0, n, 1), 2)
+        f = jnp.where(miss, f * ratio, f)
+        v_new = landed(f)
+        n_new = norm(v_new)
+        v, n = jnp.where(miss, v_new, v), jnp.where(miss, n_new, n)
+        best, n_best = keep_best(v, n, best, n_best)
+        return k + 1, f, v, n, best, n_best
+
+    unit_shape = tuple(1 if i in axes else d for i, d in enumerate(t.shape))
+    f0 = jnp.ones(unit_shape, wide)
+    v0 = landed(f0)
+    n0 = norm(v0)
+    best, n_best = keep_best(v0, n0, v0, jnp.full(unit_shape, jnp.inf, wide))
+    state = (jnp.zeros((), jnp.int32), f0, v0, n0, best, n_best)
+    _, f, _, _, best, n_best = jax.lax.while_loop(cond, body, state)
+    fallback = _land_bound(p, u, x, jnp.where(same, t * f, t))
+    fallback = jnp.where(same & (f == 1), u, fallback)
+    return jnp.where(jnp.isfinite(n_best), best, fallback)
+
+
+@_land_units.defjvp
+def _land_units_jvp(
+    axes: tuple[int, ...],
+    landing: Landing,
+    primals: tuple[jax.Array, ...],
+    tangents: tuple[jax.Array, ...],
+) -> Any:
+    p, u, x, t, goal, lo, hi = primals
+    dp, _, _, dt, _, _, _ = tangents
+    out = _land_units(axes, landing, p, u, x, t, goal, lo, hi)
+    return out, (dt - dp.astype(dt.dtype)).astype(u.dtype)

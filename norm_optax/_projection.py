@@ -41,7 +41,13 @@ import optax
 
 from norm_optax._domains import NONNEGATIVE, UNIT_INTERVAL, Hypers, declare
 from norm_optax._layout import check_axis
-from norm_optax._numerics import inner_bound, real_dtype, safe_ratio, toward_zero
+from norm_optax._numerics import (
+    inner_bound,
+    outer_bound,
+    real_dtype,
+    safe_ratio,
+    toward_zero,
+)
 from norm_optax._transform import Leaf, Target, projection
 from norm_optax._types import Axis, Mask, Scalar, StackAxes
 
@@ -67,14 +73,16 @@ def _box(
 ) -> optax.GradientTransformationExtraArgs:
     def box(x: jax.Array, leaf: Leaf, values: Values) -> tuple[jax.Array, Any]:
         m = jnp.asarray(values[name]).astype(real_dtype(x))
-        # Below this, rounding ``p + u`` to nearest in p's dtype stays in the box.
+        # The bound in p's dtype, rounded toward zero: below it, rounding
+        # ``p + u`` to nearest in p's dtype stays in the box. (Its value, with
+        # the derivative of ``m``.)
         param_real = jnp.finfo(leaf.dtype).dtype
-        inside = toward_zero(jax.lax.stop_gradient(m), param_real).astype(m.dtype)
+        fixed = jax.lax.stop_gradient(m)
+        m = m + (toward_zero(fixed, param_real).astype(m.dtype) - fixed)
         if jnp.iscomplexobj(x):
             t = jax.lax.complex(jnp.clip(x.real, -m, m), jnp.clip(x.imag, -m, m))
-            keep = (jnp.abs(x.real) <= inside) & (jnp.abs(x.imag) <= inside)
-            return t, keep
-        return jnp.clip(x, -m, m), jnp.abs(x) <= inside
+            return t, False
+        return jnp.clip(x, -m, m), False
 
     return projection(transform, Target("element", box), hypers, mask=mask)
 
@@ -218,7 +226,7 @@ def non_negative(mask: Mask = None) -> optax.GradientTransformationExtraArgs:
                 f"non_negative: the leaf at {leaf.path or '<root>'} is complex "
                 f"({leaf.dtype}); complex numbers have no sign."
             )
-        return jnp.maximum(x, 0), x >= 0
+        return jnp.maximum(x, 0), False
 
     return projection("non_negative", Target("element", orthant), declare(), mask=mask)
 
@@ -233,7 +241,8 @@ def _unitwise(
     desired: Any,
     hypers: Hypers,
     *,
-    landing: Any = "toward_zero",
+    landing: Any = "bound",
+    limits: Any = None,
     axis: Axis,
     stack_axes: StackAxes,
     mask: Mask,
@@ -250,7 +259,7 @@ def _unitwise(
 
     return projection(
         transform,
-        Target("unit", scale, landing=landing),
+        Target("unit", scale, landing=landing, limits=limits),
         hypers,
         mask=mask,
         axis=axis,
@@ -328,8 +337,18 @@ def max_norm(
     def desired(norm: jax.Array, values: Values) -> jax.Array:
         return jnp.minimum(norm, inner_bound(values["max_value"], norm.dtype))
 
+    def limits(norm: jax.Array, target: jax.Array, leaf: Leaf, values: Values) -> Any:
+        del target, leaf
+        return 0, jnp.asarray(values["max_value"]).astype(norm.dtype)
+
     return _unitwise(
-        "max_norm", desired, hypers, axis=axis, stack_axes=stack_axes, mask=mask
+        "max_norm",
+        desired,
+        hypers,
+        limits=limits,
+        axis=axis,
+        stack_axes=stack_axes,
+        mask=mask,
     )
 
 
@@ -393,11 +412,19 @@ def unit_norm(
         del values
         return jnp.ones_like(norm)
 
+    def limits(norm: jax.Array, target: jax.Array, leaf: Leaf, values: Values) -> Any:
+        del values
+        narrow = min(leaf.dtype, leaf.update_dtype, key=lambda d: jnp.finfo(d).bits)
+        eps = jnp.asarray(jnp.finfo(narrow).eps, norm.dtype)
+        # A zero unit stays zero.
+        return jnp.where(target > 0, 1 - eps, 0), 1 + eps
+
     return _unitwise(
         "unit_norm",
         desired,
         declare(),
         landing="nearest",
+        limits=limits,
         axis=axis,
         stack_axes=stack_axes,
         mask=mask,
@@ -482,12 +509,26 @@ def min_max_norm(
     )
 
     def desired(norm: jax.Array, values: Values) -> jax.Array:
-        a = jnp.asarray(values["min_value"]).astype(norm.dtype)
+        a = outer_bound(values["min_value"], norm.dtype)
         r = jnp.asarray(values["rate"]).astype(norm.dtype)
         high = inner_bound(values["max_value"], norm.dtype)
         clipped = jnp.minimum(jnp.maximum(norm, a), high)
         return norm + r * (clipped - norm)  # exactly ``norm`` inside the bounds
 
+    def limits(norm: jax.Array, target: jax.Array, leaf: Leaf, values: Values) -> Any:
+        del leaf
+        a = jnp.asarray(values["min_value"]).astype(norm.dtype)
+        b = jnp.asarray(values["max_value"]).astype(norm.dtype)
+        # With ``rate < 1`` a unit moves only part of the way: not past its target.
+        low = jnp.where(target > 0, jnp.minimum(a, target), 0)
+        return low, jnp.maximum(b, target)
+
     return _unitwise(
-        "min_max_norm", desired, hypers, axis=axis, stack_axes=stack_axes, mask=mask
+        "min_max_norm",
+        desired,
+        hypers,
+        limits=limits,
+        axis=axis,
+        stack_axes=stack_axes,
+        mask=mask,
     )

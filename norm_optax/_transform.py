@@ -10,7 +10,8 @@ everything else:
   maths ``x -> P(x)`` of a projection or prox, for ``x = p + u`` in wide
   precision, per element, per unit (a scale from the unit norms), over the
   whole tree, or per leaf with a state; the builder returns
-  ``u' = P(p + u) - p`` landed in the parameter's dtype (see
+  ``u' = P(p + u) - p`` landed in the update's dtype so that
+  :func:`optax.apply_updates` keeps the bound (see
   :func:`norm_optax._numerics.land`), ``u`` itself where the target leaves
   ``p + u`` alone.
 
@@ -37,7 +38,14 @@ import optax
 
 from norm_optax import _layout, _norms
 from norm_optax._domains import Hypers, poison
-from norm_optax._numerics import Landing, land, wide_sum, widen
+from norm_optax._numerics import (
+    Landing,
+    land,
+    land_units,
+    needs_unit_check,
+    wide_sum,
+    widen,
+)
 from norm_optax._types import Axis, Mask, PyTree, StackAxes, as_array, is_inexact
 
 __all__ = [
@@ -76,6 +84,8 @@ class Leaf:
     """The axes one unit reduces over (sorted, absolute)."""
     dtype: Any
     """The parameter's dtype (the update's for transforms without params)."""
+    update_dtype: Any = None
+    """The update's dtype."""
 
 
 # ---------------------------------------------------------------------------
@@ -194,7 +204,9 @@ def _select(
                 )
         stack = _layout.stack_count(s, where, u.shape)
         axes = _layout.unit_axes(a, where, u.shape, stack)
-        leaf = Leaf(where, u.shape, stack, axes, u.dtype if p is None else p.dtype)
+        leaf = Leaf(
+            where, u.shape, stack, axes, u.dtype if p is None else p.dtype, u.dtype
+        )
         chosen.append(_Selected(i, u, p, leaf))
     return [u for _, u in flat], treedef, chosen
 
@@ -274,8 +286,12 @@ class Target:
 
     * ``"element"``: ``fn(x, leaf, values) -> (P(x), keep)``, elementwise;
     * ``"unit"``: ``fn(norm, leaf, values) -> scale``, from the L2 norm of each unit
-      (keepdims), so ``P(x) = x * scale`` and ``keep`` is ``scale == 1``; a
-      NaN or infinite unit norm makes the unit NaN;
+      (keepdims), so ``P(x) = x * scale``; a NaN or infinite unit norm makes
+      the unit NaN. ``limits(norm, target_norm, leaf, values) -> (lo, hi)``,
+      if given, are the bounds a unit's landed norm must keep (the target
+      aimed a few ulps inside them): in half precision and mixed dtypes each
+      unit is then landed as near its target norm as the grid allows within
+      them (:func:`norm_optax._numerics.land_units`);
     * ``"tree"``: ``fn(xs, values) -> (targets, keep)`` over all selected
       leaves together, ``keep`` a scalar;
     * ``"leaf"``: ``fn(x, leaf, values, leaf_state) -> (P(x), keep,
@@ -283,26 +299,46 @@ class Target:
       from the params; the transform's state is ``state_type`` with one
       tree per field (the params' structure, ``None`` at other leaves).
 
-    ``keep`` marks where ``p + u`` is left alone (``u`` passes unchanged).
-    ``landing`` is ``"toward_zero"`` for inequality constraints (a bound
-    holds after ``apply_updates``) and ``"nearest"`` for equalities.
+    ``keep`` marks where ``p + u`` is left alone (``u`` passes unchanged), as
+    does a target equal to ``x``. A non-finite ``x`` (an infinite or NaN
+    parameter or update) gives NaN, never a plausible finite parameter.
+    ``landing`` is ``"bound"`` for inequality constraints (a bound holds
+    after ``apply_updates``) and ``"nearest"`` for equalities.
     """
 
     kind: Kind
     fn: Callable[..., Any]
-    landing: Landing = "toward_zero"
+    landing: Landing = "bound"
     init: Callable[[jax.Array, Leaf], tuple[jax.Array, ...]] | None = None
     state_type: Any = None  # a NamedTuple class
+    limits: Callable[..., tuple[Any, Any]] | None = None
 
 
 def _land_leaf(
-    c: _Selected, t: jax.Array, keep: Any, landing: Landing, valid: Any
+    c: _Selected, x: jax.Array, t: jax.Array, keep: Any, landing: Landing, valid: Any
 ) -> jax.Array:
     assert c.p is not None
-    t = poison(t, valid)
-    if valid is not True:
-        keep = keep & valid
-    return jnp.where(keep, c.u, land(c.p, t, landing).astype(c.u.dtype))
+    if keep is not False:
+        t = jnp.where(keep, x, t)
+    # A non-finite ``p + u`` never becomes a finite parameter.
+    t = poison(jnp.where(jnp.isfinite(x), t, jnp.nan), valid)
+    return land(c.p, c.u, x, t, landing)
+
+
+def _land_unit(
+    target: Target, c: _Selected, x: jax.Array, values: dict[str, Any], valid: Any
+) -> jax.Array:
+    assert c.p is not None
+    norm = _norms.axes_norm(x, 2, c.leaf.axes, axis_name=None, widened_from=c.p.dtype)
+    scale = target.fn(norm, c.leaf, values)
+    scale = jnp.where(jnp.isfinite(norm), scale, jnp.nan)
+    t = poison(x * scale.astype(x.dtype), valid)
+    if target.limits is None or not needs_unit_check(c.p.dtype, c.u.dtype):
+        return land(c.p, c.u, x, t, target.landing)
+    goal = norm * scale
+    lo, hi = target.limits(norm, goal, c.leaf, values)
+    lo, hi = jnp.asarray(lo), jnp.asarray(hi)
+    return land_units(c.p, c.u, x, t, c.leaf.axes, goal, lo, hi, target.landing)
 
 
 def _project(
@@ -318,25 +354,21 @@ def _project(
         if chosen:
             xs = [wide_sum(c.p, c.u) for c in chosen if c.p is not None]
             ts, keep = target.fn(xs, values)
-            for c, t in zip(chosen, ts, strict=True):
-                out[c.index] = _land_leaf(c, t, keep, target.landing, valid)
+            for c, x, t in zip(chosen, xs, ts, strict=True):
+                out[c.index] = _land_leaf(c, x, t, keep, target.landing, valid)
         return out, new_states
     for k, c in enumerate(chosen):
         assert c.p is not None
         x = wide_sum(c.p, c.u)
+        if target.kind == "unit":
+            out[c.index] = _land_unit(target, c, x, values, valid)
+            continue
         if target.kind == "element":
             t, keep = target.fn(x, c.leaf, values)
-        elif target.kind == "unit":
-            norm = _norms.axes_norm(
-                x, 2, c.leaf.axes, axis_name=None, widened_from=c.p.dtype
-            )
-            scale = target.fn(norm, c.leaf, values)
-            scale = jnp.where(jnp.isfinite(norm), scale, jnp.nan)
-            t, keep = x * scale.astype(x.dtype), scale == 1
         else:
             t, keep, state = target.fn(x, c.leaf, values, leaf_states[k])
             new_states.append(state)
-        out[c.index] = _land_leaf(c, t, keep, target.landing, valid)
+        out[c.index] = _land_leaf(c, x, t, keep, target.landing, valid)
     return out, new_states
 
 

@@ -283,3 +283,142 @@ def test_chains_with_an_optimizer(case: Case) -> None:
 def test_every_public_transform_is_registered() -> None:
     registered = {c.factory.__name__ for c in CASES}
     assert set(TRANSFORMS) <= registered, set(TRANSFORMS) - registered
+
+
+# --------------------------------------------------------------------------
+# Every dtype pair: the bound holds after optax.apply_updates.
+# --------------------------------------------------------------------------
+
+# (params, updates): the update keeps its own dtype, so it is chosen in it.
+DTYPE_PAIRS = [
+    (jnp.float32, jnp.float32),
+    (jnp.float32, jnp.bfloat16),
+    (jnp.float32, jnp.float16),
+    (jnp.bfloat16, jnp.bfloat16),
+    (jnp.float16, jnp.float16),
+    (jnp.bfloat16, jnp.float32),
+    (jnp.float64, jnp.float32),
+]
+
+
+def _unit_norms64(x: np.ndarray) -> np.ndarray:
+    with jax.enable_x64(True):
+        return np.asarray(nox.unit_norms(jnp.asarray(x, jnp.float64)))
+
+
+def _soft64(x: np.ndarray, tau: float) -> np.ndarray:
+    return np.sign(x) * np.maximum(np.abs(x) - tau, 0)
+
+
+# ``check(new, x)``: float64 NumPy lists of the new parameters and of the
+# exact ``p + u``, per inexact leaf. Bounds are exact; a prox is never short
+# of its target (it shrinks at least as far, up to the rounding of ``p + u``
+# in float32).
+_SLACK = 4 * 2.0**-24
+
+
+def _bound_checks() -> dict[str, Any]:
+    def box(m: float) -> Any:
+        return lambda new, x: max(np.max(np.abs(a)) for a in new) <= m
+
+    def units(lo: float, hi: float) -> Any:
+        def check(new: list[np.ndarray], x: list[np.ndarray]) -> bool:
+            ok = True
+            for a, b in zip(new, x, strict=True):
+                n, start = _unit_norms64(a), _unit_norms64(b)
+                ok &= bool(np.all(n <= hi))
+                ok &= bool(np.all(n[start > 0] >= lo))  # a lower bound too
+            return ok
+
+        return check
+
+    def unit(new: list[np.ndarray], x: list[np.ndarray]) -> bool:
+        del x
+        return all(np.all(np.abs(_unit_norms64(a) - 1) <= 2**-6) for a in new)
+
+    def l2(new: list[np.ndarray], x: list[np.ndarray]) -> bool:
+        del x
+        return float(np.sqrt(sum(np.sum(a**2) for a in new))) <= 2.0
+
+    def l1(new: list[np.ndarray], x: list[np.ndarray]) -> bool:
+        del x
+        return float(sum(np.sum(np.abs(a)) for a in new)) <= 5.0
+
+    def soft(tau: float, decay: float = 1.0) -> Any:
+        def check(new: list[np.ndarray], x: list[np.ndarray]) -> bool:
+            return all(
+                np.all(
+                    np.abs(a) <= np.abs(_soft64(b, tau)) / decay + _SLACK * np.abs(b)
+                )
+                for a, b in zip(new, x, strict=True)
+            )
+
+        return check
+
+    def group(tau: float) -> Any:
+        def check(new: list[np.ndarray], x: list[np.ndarray]) -> bool:
+            return all(
+                np.all(
+                    _unit_norms64(a)
+                    <= np.maximum(_unit_norms64(b) - tau, 0) + _SLACK * _unit_norms64(b)
+                )
+                for a, b in zip(new, x, strict=True)
+            )
+
+        return check
+
+    return {
+        "clip_weights": box(1.0),
+        "project_linf_ball": box(1.0),
+        "non_negative": lambda new, x: min(np.min(a) for a in new) >= 0,
+        "max_norm": units(0.0, 1.0),
+        "min_max_norm": units(0.5, 2.0),
+        "unit_norm": unit,
+        "project_l2_ball": l2,
+        "project_l1_ball": l1,
+        "prox_l1": soft(0.5),
+        "prox_elastic_net": soft(0.5, 1.5),
+        "prox_group_l1": group(1.0),
+    }
+
+
+BOUND_CHECKS = _bound_checks()
+
+
+@pytest.mark.standard_promotion  # optax.apply_updates promotes mixed dtypes
+@pytest.mark.parametrize(
+    ("p_dtype", "u_dtype"),
+    DTYPE_PAIRS,
+    ids=[f"{p.__name__}-{u.__name__}" for p, u in DTYPE_PAIRS],
+)
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in BOUND_CHECKS], ids=str)
+def test_bound_holds_after_apply_updates_for_every_dtype_pair(
+    case: Case, p_dtype: Any, u_dtype: Any
+) -> None:
+    check = BOUND_CHECKS[case.name]
+    with jax.enable_x64(p_dtype == jnp.float64):
+        tx = case.make()
+        update = jax.jit(tx.update)
+        # Far outside the set, then a small step from inside it.
+        for p_scale, u_scale in ((1.0, 1.0), (0.2, 0.02)):
+            params = jax.tree.map(
+                lambda x, s=p_scale: (x * s).astype(p_dtype),
+                _drop(make_tree(3), "step", "frozen"),
+            )
+            updates = jax.tree.map(
+                lambda x, s=u_scale: (x * s).astype(u_dtype),
+                _drop(make_tree(4, scale=1.0), "step", "frozen"),
+            )
+            out, _ = update(updates, tx.init(params), params)
+            chex.assert_trees_all_equal_shapes_and_dtypes(out, updates)
+            new = optax.apply_updates(params, out)
+            chex.assert_trees_all_equal_shapes_and_dtypes(new, params)
+            new64 = [np.asarray(a, np.float64) for a in jax.tree.leaves(new)]
+            x64 = [
+                np.asarray(p, np.float64) + np.asarray(u, np.float64)
+                for p, u in zip(
+                    jax.tree.leaves(params), jax.tree.leaves(updates), strict=True
+                )
+            ]
+            assert all(np.all(np.isfinite(a)) for a in new64)
+            assert check(new64, x64), (case.name, p_scale, new64)
