@@ -136,9 +136,13 @@ def clip_by_norm(
     Args:
       max_norm: the largest norm a leaf may have, ``>= 0``.
       ord: ``1``, ``2`` or ``inf`` (``"inf"``).
-      axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) over
-        which each leaf is split; each leaf's norm is then combined across
-        it. ``None`` otherwise.
+      axis_name: inside ``jax.shard_map``, the manual axis name(s) over which
+        leaves are split; each leaf's norm is combined across the named axes
+        it varies over (a leaf replicated there keeps its local norm, which
+        is its whole norm). Raises ``ValueError`` where JAX does not record
+        what varies over the axis (``jax.pmap``, ``check_vma=False``,
+        ``jax.vmap``); see :func:`norm_optax.global_norm`. ``None``
+        otherwise.
       stack_axes: how many leading axes of each leaf index stacked layers:
         ``None`` (none), an int for every leaf, a tree of ints or bools
         matching the updates, or a callable ``updates -> that tree``. Under
@@ -196,8 +200,9 @@ def clip_by_global_norm(
     scale is applied as one multiply per element, which XLA fuses into the
     optimizer that consumes the clipped gradients. A NaN or infinite norm
     makes every element NaN. Under GSPMD sharding the norm costs one
-    all-reduce of a scalar; inside ``shard_map``/``pmap`` pass ``axis_name``
-    so that every device uses the norm of the whole gradient.
+    all-reduce of a scalar; inside ``jax.shard_map`` pass ``axis_name`` so
+    that every device uses the norm of the whole gradient, replicated leaves
+    counted once (``jax.pmap`` cannot tell them apart and is refused).
 
     Place it first, before the optimizer:
     ``optax.chain(nox.clip_by_global_norm(1.0), optax.adamw(3e-4))``.
@@ -205,8 +210,11 @@ def clip_by_global_norm(
     Args:
       max_norm: the largest global norm, ``>= 0``.
       ord: ``1``, ``2`` or ``inf`` (``"inf"``).
-      axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) over
-        which the gradient is split; ``None`` otherwise.
+      axis_name: inside ``jax.shard_map``, the manual axis name(s) over
+        which the gradient is split; a leaf replicated over them counts once
+        (see :func:`norm_optax.global_norm`). Raises ``ValueError`` where JAX
+        does not record what varies over the axis (``jax.pmap``,
+        ``check_vma=False``, ``jax.vmap``). ``None`` otherwise.
 
     Returns:
       A stateless :class:`optax.GradientTransformationExtraArgs` (extra
@@ -267,8 +275,11 @@ def normalize_by_global_norm(
 
     Args:
       norm: the target global norm, ``>= 0``.
-      axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) over
-        which the gradient is split; ``None`` otherwise.
+      axis_name: inside ``jax.shard_map``, the manual axis name(s) over
+        which the gradient is split; a leaf replicated over them counts once
+        (see :func:`norm_optax.global_norm`). Raises ``ValueError`` where JAX
+        does not record what varies over the axis (``jax.pmap``,
+        ``check_vma=False``, ``jax.vmap``). ``None`` otherwise.
 
     Returns:
       A stateless :class:`optax.GradientTransformationExtraArgs` (extra

@@ -136,8 +136,10 @@ def record_norms(
 
     Args:
       inner: any :class:`optax.GradientTransformation`.
-      axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) over
-        which the updates are split; ``None`` otherwise.
+      axis_name: inside ``jax.shard_map``, the manual axis name(s) over
+        which the updates are split; a leaf replicated over them counts once
+        (see :func:`norm_optax.global_norm`; ``jax.pmap`` and
+        ``check_vma=False`` raise ``ValueError``). ``None`` otherwise.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -262,8 +264,10 @@ def autoclip(
         ``>= 1``. Algorithm 1 of the paper keeps every norm; a finite window
         follows recent training dynamics. Under
         :func:`optax.inject_hyperparams` list it in ``static_args``.
-      axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) over
-        which the updates are split; ``None`` otherwise.
+      axis_name: inside ``jax.shard_map``, the manual axis name(s) over
+        which the updates are split; a leaf replicated over them counts once
+        (see :func:`norm_optax.global_norm`; ``jax.pmap`` and
+        ``check_vma=False`` raise ``ValueError``). ``None`` otherwise.
 
     Returns:
       An :class:`optax.GradientTransformation` whose state is an
@@ -408,8 +412,10 @@ def skip_on_spike(
         :func:`optax.inject_hyperparams` list it in ``static_args``.
       num_sigma: :math:`k \ge 0`, how many standard deviations above the mean
         a spike starts.
-      axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) over
-        which the updates are split; ``None`` otherwise.
+      axis_name: inside ``jax.shard_map``, the manual axis name(s) over
+        which the updates are split; a leaf replicated over them counts once
+        (see :func:`norm_optax.global_norm`; ``jax.pmap`` and
+        ``check_vma=False`` raise ``ValueError``). ``None`` otherwise.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose state is a

@@ -256,8 +256,10 @@ def zclip(
         ``"adaptive_scaling"`` threshold (0.5--0.9 clip more aggressively).
       skip_stats_on_spike: if ``True``, a spike does not update the
         statistics. The reference's ``skip_update_on_spike``.
-      axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) over
-        which the updates are split; ``None`` otherwise.
+      axis_name: inside ``jax.shard_map``, the manual axis name(s) over
+        which the updates are split; a leaf replicated over them counts once
+        (see :func:`norm_optax.global_norm`; ``jax.pmap`` and
+        ``check_vma=False`` raise ``ValueError``). ``None`` otherwise.
 
     Traced values of the numeric arguments (under
     :func:`optax.inject_hyperparams`) are the caller's responsibility; one

@@ -14,10 +14,19 @@ Numerics, shared by all three:
 * **Accumulation** happens in ``float32`` or wider: ``float16``/``bfloat16``
   leaves are converted inside the reduction (XLA fuses the conversion, no
   widened copy of the leaf is written), so fp16 values up to 65504 give a
-  finite norm and tiny values do not underflow. The result is ``float32``,
-  or ``float64`` when a leaf is ``float64``/``complex128``. Complex values
-  use their modulus. The L2 norm is finite while the sum of squares fits the
-  accumulation dtype (a norm below about ``1.8e19`` in ``float32``).
+  finite norm and tiny values do not underflow. ``bfloat16`` has the
+  exponent range of ``float32``, where squares underflow below about
+  ``1e-19`` and overflow above about ``1.8e19``: the L2 norm is one pass in
+  ``float32``, and only when that sum of squares is below ``2**-60`` (zero
+  included) or infinite, a second pass with every element scaled by an exact
+  power of two, chosen with :func:`jax.lax.cond` (a branch, also under
+  ``vmap``). So ``bfloat16`` values from the smallest normal (``1.2e-38``)
+  to the largest give their norm to float32 accuracy (infinite only if the
+  norm itself exceeds ``float32``'s range). The result is ``float32``, or
+  ``float64`` when a leaf is ``float64``/``complex128``. Complex values use
+  their modulus. For ``float32`` and ``float64`` leaves the L2 norm is
+  accurate while the sum of squares fits their own range (a norm from about
+  ``1e-19`` to ``1.8e19`` in ``float32``).
 * **Gradients** are finite everywhere (a ``jax.custom_jvp``): at the zero
   vector the gradient is ``0``, a valid subgradient; for ``ord=inf`` the
   gradient is shared equally among the entries that attain the maximum.
@@ -60,20 +69,39 @@ def global_norm(
     sharded or replicated, and no leaf is gathered. With ``Auto`` axes the
     shardings are unknown when the norm is traced, and XLA reduces each leaf
     over its own mesh axes: one all-reduce per distinct set of axes (one on a
-    1-D FSDP mesh). Inside ``jax.shard_map`` or ``jax.pmap``, where each device holds
-    a slice of the tree, pass the mapped ``axis_name`` (a name or a tuple of
-    names): the partial norms are then combined across it, and every device
-    gets the norm of the whole tree.
+    1-D FSDP mesh).
+
+    **Inside** ``jax.shard_map``, where each device holds a slice of the
+    tree, pass ``axis_name`` (a manual axis name or a tuple of names): the
+    partial norms are combined across it with one all-reduce, and every
+    device gets the norm of the whole tree. A leaf that is replicated over a
+    named axis (``in_specs`` ``P()`` for it, or computed from replicated
+    values) counts once, not once per device: JAX types every value inside
+    ``shard_map`` with the manual axes it varies over (``jax.typeof(x).vma``),
+    so a tensor-parallel tree mixing sharded and replicated leaves gets its
+    true norm. This record is kept only with ``check_vma=True`` (the
+    default). Under ``jax.pmap``, ``jax.shard_map(..., check_vma=False)`` and
+    for a ``jax.vmap`` axis it is not, a replicated leaf cannot be told from
+    a split one, and ``axis_name`` raises :class:`ValueError` instead of
+    returning a norm that may count a leaf several times. A leaf that is
+    *unreduced* over a named axis (a pending sum) also raises.
 
     Args:
       tree: a pytree of arrays. Integer, bool, ``float0``, ``None`` and
         :class:`optax.MaskedNode` leaves are skipped.
       ord: ``1``, ``2`` or ``inf`` (``"inf"``).
-      axis_name: mapped axis name(s) to combine the norm across, or ``None``.
+      axis_name: manual axis name(s) of the enclosing ``jax.shard_map`` to
+        combine the norm across, or ``None``.
 
     Returns:
       A scalar of dtype ``float32`` (``float64`` if a leaf is 64-bit).
       ``0`` for a tree without inexact leaves.
+
+    Raises:
+      ValueError: ``ord`` is unknown; or ``axis_name`` names an axis whose
+        varying values JAX does not record (``jax.pmap``,
+        ``shard_map(check_vma=False)``, ``jax.vmap``), or over which a leaf
+        is unreduced.
 
     Example:
       >>> import jax.numpy as jnp

@@ -356,3 +356,41 @@ def test_property_clip_by_value_bound(g: np.ndarray, max_delta: float) -> None:
     assert np.all(np.abs(out) <= bound)
     inside = np.abs(g) <= bound
     np.testing.assert_array_equal(out[inside], g[inside])
+
+
+# ---------------------------------------------------------------------------
+# Half precision on CPU: the norm and the scale each read the 16-bit leaf.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_clip_is_exact_within_and_scaled_once(dtype: Any) -> None:
+    rng = np.random.default_rng(7)
+    g = {"w": jnp.asarray(rng.standard_normal((16, 8)), dtype)}
+    norm = float(nox.global_norm(g))
+    step = jax.jit(lambda g, m: nox.clip_by_global_norm(m).update(g, None)[0])
+    within = step(g, jnp.float32(2 * norm))["w"]
+    assert within.dtype == dtype
+    np.testing.assert_array_equal(
+        np.asarray(within).view(np.uint16), np.asarray(g["w"]).view(np.uint16)
+    )
+    clipped = step(g, jnp.float32(0.5))["w"]
+    scale = np.float32(0.5) / np.float32(norm)
+    want = (g["w"].astype(jnp.float32) * scale).astype(dtype)
+    np.testing.assert_array_equal(
+        np.asarray(clipped, np.float32), np.asarray(want, np.float32)
+    )
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU codegen")
+def test_bf16_clip_writes_no_float32_copy_on_cpu() -> None:
+    # Reduced (the norm) and scaled (the clip) in one computation, the two
+    # converts to float32 were merged and XLA:CPU wrote a float32 copy of the
+    # leaf for the reduction: five times the traffic of reading it. (A leaf
+    # this large is reduced by YNNPACK; XLA:CPU squares small ones apart.)
+    g = {"w": jnp.zeros((256, 96), jnp.bfloat16), "b": jnp.zeros((96,), jnp.bfloat16)}
+    tx = nox.clip_by_global_norm(1.0)
+    hlo = jax.jit(lambda g: tx.update(g, None)[0]).lower(g).compile().as_text()
+    assert hlo is not None
+    entry = hlo[hlo.index("\nENTRY") :]
+    assert "f32[256,96]" not in entry

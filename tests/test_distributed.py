@@ -11,7 +11,11 @@ and writes JSON; the tests here assert on it. Covered:
   unsharded numbers (``rtol = atol = 1e-6``) and keeps each leaf's sharding;
   the compiled HLO of a global norm holds one all-reduce and no all-gather
   (Explicit axes);
-* ``axis_name`` inside ``jax.shard_map`` and ``jax.pmap``, gradients included;
+* ``axis_name`` inside ``jax.shard_map``, gradients included, on a tree
+  mixing a leaf split over the axis with a replicated one (counted once: JAX
+  records which values vary over a manual axis) and with a tuple of axis
+  names on a 2-D mesh; under ``jax.pmap`` and ``shard_map(check_vma=False)``,
+  where that record is not kept, ``axis_name`` raises;
 * stacked layers (API.md section 6): GPT blocks stacked ``(8, ...)`` on the
   FSDP mesh with the layer axis replicated and the model axes sharded, with
   the layer axis sharded (pipeline), and on the 2-D mesh (layers over
@@ -328,21 +332,92 @@ AXIS_NAME_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mapper", ["shard_map", "pmap"])
 @pytest.mark.parametrize("name", AXIS_NAME_CASES)
-def test_axis_name(results: dict[str, Any], mapper: str, name: str) -> None:
-    key = f"{mapper}/{name}"
+def test_axis_name(results: dict[str, Any], name: str) -> None:
+    key = f"shard_map/{name}"
     if key not in _case(results, "axis_name"):
         pytest.skip(f"{name} takes no axis_name")
     case = _case(results, "axis_name", key)
     assert case["rel_err"] <= 1.0  # equal to the unsplit gradient's result
     if name.startswith(("clip_by_global_norm", "normalize")):
         np.testing.assert_allclose(case["norm"], 1.0, rtol=1e-6)
-    if mapper == "shard_map" and "grad_rel_err" in case:
+    if "grad_rel_err" in case:
         assert case["grad_rel_err"] <= 1.0
         assert case["grad_finite_at_zero"]
-    if mapper == "pmap" and "grad_finite" in case:
-        assert case["grad_finite"]
+
+
+UNKNOWN_REPLICATION = "cannot be told from a sharded one"
+
+
+@pytest.mark.parametrize("name", AXIS_NAME_CASES)
+def test_axis_name_under_pmap_raises(results: dict[str, Any], name: str) -> None:
+    # pmap does not record which values vary over its axis (an in_axes=None
+    # leaf would count once per device): raise rather than guess.
+    key = f"pmap/{name}"
+    if key not in _case(results, "axis_name"):
+        pytest.skip(f"{name} takes no axis_name")
+    message = _case(results, "axis_name", key)["raised"]
+    assert message is not None
+    assert UNKNOWN_REPLICATION in message
+    assert "check_vma=True" in message
+
+
+MIXED_NORMS = ["global_norm", "global_norm[ord=1]", "global_norm[ord=inf]"]
+
+
+@pytest.mark.parametrize("name", MIXED_NORMS)
+def test_mixed_replication_counts_a_replicated_leaf_once(
+    results: dict[str, Any], name: str
+) -> None:
+    # {"w": P("x"), "scale": P()} on 4 devices: the true norm of the tree,
+    # with one all-reduce of a scalar.
+    case = _case(results, "axis_name", f"mixed/{name}")
+    assert case["rel_err"] <= 1.0
+    assert case["all_reduce"] == 1
+    if name == "global_norm":
+        true = _case(results, "axis_name")["mixed/true_norm"]
+        np.testing.assert_allclose(case["value"], true, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name", ["clip_by_global_norm", "normalize_by_global_norm", "clip_by_norm"]
+)
+def test_mixed_replication_transforms_and_gradients(
+    results: dict[str, Any], name: str
+) -> None:
+    key = f"mixed/{name}"
+    if key not in _case(results, "axis_name"):
+        pytest.skip(f"{name} takes no axis_name")
+    case = _case(results, "axis_name", key)
+    assert case["rel_err"] <= 1.0
+    assert case["grad_rel_err"] <= 1.0
+    if name == "clip_by_norm":  # each leaf on its own
+        for leaf, norm in case["leaf_norms"].items():
+            np.testing.assert_allclose(norm, 1.0, rtol=1e-6, err_msg=leaf)
+    else:  # the clipped tree has norm exactly max_norm (one rounding)
+        np.testing.assert_allclose(case["norm"], 1.0, rtol=1e-6)
+
+
+def test_mixed_replication_gradient_of_global_norm(results: dict[str, Any]) -> None:
+    case = _case(results, "axis_name", "mixed/grad(global_norm)")
+    assert case["rel_err"] <= 1.0
+    assert case["zero_at_zero"]
+
+
+def test_tuple_axis_name_on_a_2d_mesh(results: dict[str, Any]) -> None:
+    # Leaves varying over ("a", "b"), "a" only, "b" only, and neither.
+    case = _case(results, "axis_name", "mixed/tuple_axis_name")
+    for ord in ("2", "1", "inf"):
+        assert case[f"rel_err[ord={ord}]"] <= 1.0, ord
+    assert case["all_reduce"] == 1
+    np.testing.assert_allclose(case["clipped_norm"], 1.0, rtol=1e-6)
+    assert case["rel_err[only_a]"] <= 1.0
+
+
+def test_shard_map_without_vma_checking_raises(results: dict[str, Any]) -> None:
+    message = _case(results, "axis_name", "mixed/check_vma=False")["raised"]
+    assert message is not None
+    assert UNKNOWN_REPLICATION in message
 
 
 def test_optax_without_axis_name_clips_each_shard(results: dict[str, Any]) -> None:

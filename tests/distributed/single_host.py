@@ -705,7 +705,7 @@ def axis_name_results() -> dict[str, Any]:
         results[f"shard_map/{name}"] = run_case(
             functools.partial(shard_map_case, name, f)
         )
-        results[f"pmap/{name}"] = run_case(functools.partial(pmap_case, name, f))
+        results[f"pmap/{name}"] = raised(functools.partial(pmap_case, name, f))
 
     def optax_baseline() -> dict[str, Any]:
         tx = optax.clip_by_global_norm(1.0)
@@ -718,6 +718,179 @@ def axis_name_results() -> dict[str, Any]:
         return {"norm": float(nox.global_norm(mapped(sgrads)))}
 
     results["shard_map/optax.clip_by_global_norm"] = run_case(optax_baseline)
+    results |= mixed_replication_results(transforms)
+    return results
+
+
+def raised(fn: Callable[[], Any]) -> dict[str, Any]:
+    """The ``ValueError`` text ``fn`` raises (``raised: None`` if it returns)."""
+    try:
+        fn()
+    except ValueError as error:
+        return {"raised": str(error)}
+    return {"raised": None}
+
+
+def _weighted_sum(tree: Tree, weights: Tree) -> jax.Array:
+    parts = jax.tree.map(lambda a, b: jnp.sum(a * b), tree, weights)
+    return jnp.sum(jnp.stack(jax.tree.leaves(parts)))
+
+
+def mixed_replication_results(
+    transforms: Callable[[Any], dict[str, Callable[[Tree], Any]]],
+) -> dict[str, Any]:
+    """A tensor-parallel tree: one leaf split over ``x``, one replicated.
+
+    Inside ``shard_map`` the replicated leaf must count once (JAX records
+    that it does not vary over ``x``), not once per device; on a 2-D mesh a
+    tuple ``axis_name`` with leaves varying over one axis, both or none.
+    """
+    rng = np.random.default_rng(2)
+    grads = {
+        "w": jnp.asarray(5 * rng.normal(size=(8, 6)), jnp.float32),
+        "scale": jnp.asarray(5 * rng.normal(size=(6,)), jnp.float32),
+    }
+    specs = {"w": P("x"), "scale": P()}
+    mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4])
+    sgrads = {
+        k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in grads.items()
+    }
+    true = float(
+        np.sqrt(
+            sum(np.sum(np.square(np.asarray(v, np.float64))) for v in grads.values())
+        )
+    )
+    reference = transforms(None)
+    results: dict[str, Any] = {"mixed/true_norm": true}
+
+    def case(name: str, f: Callable[[Tree], Any]) -> dict[str, Any]:
+        is_norm = name.startswith("global_norm")
+        mapped = jax.jit(
+            jax.shard_map(
+                f, mesh=mesh, in_specs=(specs,), out_specs=P() if is_norm else specs
+            )
+        )
+        got, want = mapped(sgrads), reference[name](grads)
+        out: dict[str, Any] = {"rel_err": max_rel_err(got, want)}
+        if is_norm:
+            out["value"] = float(got)
+            out["all_reduce"] = collectives(
+                str(mapped.lower(sgrads).compile().as_text())
+            )["all_reduce"]
+            return out
+        out["norm"] = float(nox.global_norm(got))
+        out["leaf_norms"] = {k: float(v) for k, v in nox.leaf_norms(got).items()}
+
+        def loss(g: Tree) -> jax.Array:
+            weights = jax.tree.map(
+                lambda x: jnp.cos(jnp.arange(x.size)).reshape(x.shape), g
+            )
+            return _weighted_sum(f_out(g), weights)
+
+        def f_out(g: Tree) -> Tree:
+            return jax.shard_map(f, mesh=mesh, in_specs=(specs,), out_specs=specs)(g)
+
+        def ref_loss(g: Tree) -> jax.Array:
+            weights = jax.tree.map(
+                lambda x: jnp.cos(jnp.arange(x.size)).reshape(x.shape), g
+            )
+            return _weighted_sum(reference[name](g), weights)
+
+        got_grad = jax.jit(jax.grad(loss))(sgrads)
+        out["grad_rel_err"] = max_rel_err(got_grad, jax.grad(ref_loss)(grads))
+        return out
+
+    for name, f in transforms("x").items():
+        results[f"mixed/{name}"] = run_case(functools.partial(case, name, f))
+
+    def norm_grad() -> dict[str, Any]:
+        def norm(g: Tree) -> jax.Array:
+            return jax.shard_map(
+                lambda t: nox.global_norm(t, axis_name="x"),
+                mesh=mesh,
+                in_specs=(specs,),
+                out_specs=P(),
+            )(g)
+
+        got = jax.jit(jax.grad(norm))(sgrads)
+        zero = jax.jit(jax.grad(norm))(jax.tree.map(jnp.zeros_like, sgrads))
+        return {
+            "rel_err": max_rel_err(got, jax.grad(nox.global_norm)(grads)),
+            "zero_at_zero": all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(zero)),
+        }
+
+    results["mixed/grad(global_norm)"] = run_case(norm_grad)
+
+    def unchecked() -> None:
+        jax.jit(
+            jax.shard_map(
+                lambda t: nox.global_norm(t, axis_name="x"),
+                mesh=mesh,
+                in_specs=(specs,),
+                out_specs=P(),
+                check_vma=False,
+            )
+        )(sgrads)
+
+    results["mixed/check_vma=False"] = raised(unchecked)
+
+    # 2-D mesh (2 x 2), tuple axis_name: leaves varying over a, b, both, none.
+    mesh2 = jax.make_mesh((2, 2), ("a", "b"), devices=jax.devices()[:4])
+    grads2 = {
+        "ab": jnp.asarray(rng.normal(size=(4, 6)), jnp.float32),
+        "a": jnp.asarray(rng.normal(size=(6,)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+        "none": jnp.asarray(rng.normal(size=(5,)), jnp.float32),
+    }
+    specs2 = {"ab": P("a", "b"), "a": P("a"), "b": P(None, "b"), "none": P()}
+    sgrads2 = {
+        k: jax.device_put(v, NamedSharding(mesh2, specs2[k])) for k, v in grads2.items()
+    }
+
+    def tuple_case() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for ord in (2, 1, "inf"):
+            mapped = jax.jit(
+                jax.shard_map(
+                    lambda t, o=ord: nox.global_norm(t, o, axis_name=("a", "b")),
+                    mesh=mesh2,
+                    in_specs=(specs2,),
+                    out_specs=P(),
+                )
+            )
+            out[f"rel_err[ord={ord}]"] = max_rel_err(
+                mapped(sgrads2), nox.global_norm(grads2, ord)
+            )
+            if ord == 2:
+                hlo = str(mapped.lower(sgrads2).compile().as_text())
+                out["all_reduce"] = collectives(hlo)["all_reduce"]
+        tx = nox.clip_by_global_norm(1.0, axis_name=("a", "b"))
+        clipped = jax.jit(
+            jax.shard_map(
+                lambda t: tx.update(t, tx.init(t))[0],
+                mesh=mesh2,
+                in_specs=(specs2,),
+                out_specs=specs2,
+            )
+        )(sgrads2)
+        out["clipped_norm"] = float(nox.global_norm(clipped))
+        # Only "a" named: "b" is then the caller's (each b-slice its own norm).
+        only_a = jax.jit(
+            jax.shard_map(
+                lambda t: nox.global_norm(
+                    {"a": t["a"], "none": t["none"]}, axis_name="a"
+                ),
+                mesh=mesh2,
+                in_specs=(specs2,),
+                out_specs=P(),
+            )
+        )(sgrads2)
+        out["rel_err[only_a]"] = max_rel_err(
+            only_a, nox.global_norm({"a": grads2["a"], "none": grads2["none"]})
+        )
+        return out
+
+    results["mixed/tuple_axis_name"] = run_case(tuple_case)
     return results
 
 
