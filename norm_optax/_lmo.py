@@ -130,12 +130,19 @@ def scale_by_lmo(
     ``0.2 · sqrt(max(fan_in, fan_out))`` (the update RMS of AdamW, optax's
     ``consistent_rms=0.2``, Moonlight).
 
+    Sharded (GSPMD), the numbers are the unsharded ones and every leaf keeps
+    its sharding; the spectral directions are computed on whole matrices
+    without collectives inside the Newton--Schulz iterations (see
+    :func:`orthogonalize`).
+
     Place it where a normalisation goes: after momentum, before the learning
     rate, e.g. ``optax.chain(optax.trace(0.95, nesterov=True),
     nox.scale_by_lmo("spectral"), optax.scale_by_learning_rate(lr))`` is Muon
     on the selected leaves.
 
-    A zero layer (a zero unit for ``"unit"``) gives zeros, never NaN. A NaN or
+    A zero layer (a zero unit for ``"unit"``) gives zeros, never NaN (so does
+    a layer whose sum of squares underflows, entries below about ``1e-19`` in
+    float32). A NaN or
     an infinity anywhere in a layer makes that whole layer's output NaN, for
     every norm, ``"sign"`` and ``"unit"`` included; the other layers are
     untouched. ``"frobenius"``, ``"rms"``, ``"unit"`` and Newton--Schulz
@@ -269,9 +276,10 @@ def scale_by_lmo(
                 )
             x = u.astype(_wide(u.dtype))
             d = _direction(name, x, leaf, polar)
-            layer = _layout.layer_axes(leaf.shape, leaf.stack)
-            finite = jnp.all(jnp.isfinite(x), axis=layer, keepdims=True)
-            d = jnp.where(finite, d, jnp.nan)
+            if name != "spectral":  # (the polar factor is NaN per matrix already)
+                layer = _layout.layer_axes(leaf.shape, leaf.stack)
+                finite = jnp.all(jnp.isfinite(x), axis=layer, keepdims=True)
+                d = jnp.where(finite, d, jnp.nan)
             scale = 1.0
             if matrix:
                 fan_in, fan_out = _polar.fans(leaf.shape, leaf.stack, leaf.axes)

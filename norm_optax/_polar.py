@@ -1,6 +1,6 @@
 """Polar factors: the matrix of a leaf and its orthogonalisation.
 
-Private, on the floor of the numerics (it imports only ``_types``), so the
+Private, on the floor of the numerics (it imports only floor 0), so the
 public :func:`norm_optax.norms.orthogonalize` and the norm-geometry
 transforms share one kernel. Two parts:
 
@@ -23,15 +23,17 @@ transforms share one kernel. Two parts:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from norm_optax._sharding import per_matrix
 from norm_optax._types import accumulation_dtype
 
 __all__ = [
@@ -273,21 +275,40 @@ def svd_polar(m: jax.Array) -> jax.Array:
     return (u * keep[..., None, :]) @ vh
 
 
-def polar_factor(m: jax.Array, options: Polar) -> jax.Array:
-    """The polar factor of each matrix of a ``(..., r, c)`` batch.
-
-    Computed in ``float32`` (``float64``/``complex128`` for 64-bit input),
-    returned in that compute dtype. A matrix holding a NaN or an infinity
-    gives all NaN; a zero matrix gives zeros.
-    """
-    acc = accumulation_dtype(m.dtype)
-    dtype = np.result_type(acc, np.complex64) if jnp.iscomplexobj(m) else acc
-    m = m.astype(dtype)
+def _solve(m: jax.Array, options: Polar) -> jax.Array:
+    """The polar factors of a batch in its (compute) dtype, NaN per matrix."""
     finite = jnp.all(jnp.isfinite(m), axis=(-2, -1), keepdims=True)
     clean = jnp.where(finite, m, 0)
     if options.method == "svd":
         return jnp.where(finite, svd_polar(clean), jnp.nan)
     return jnp.where(finite, newton_schulz(clean, options), jnp.nan)
+
+
+@functools.cache
+def _kernel(options: Polar) -> Callable[[jax.Array], jax.Array]:
+    """One stable function per options (it keys the sharding cache)."""
+
+    def solve(m: jax.Array) -> jax.Array:
+        return _solve(m, options)
+
+    return solve
+
+
+def polar_factor(m: jax.Array, options: Polar) -> jax.Array:
+    """The polar factor of each matrix of a ``(L, r, c)`` batch.
+
+    Computed in ``float32`` (``float64``/``complex128`` for 64-bit input),
+    returned in that compute dtype. A matrix holding a NaN or an infinity
+    gives all NaN; a zero matrix gives zeros. Sharded (GSPMD), each matrix
+    is made whole on one device first (see ``_sharding.per_matrix``), so the
+    iterations need no collective and the result keeps ``m``'s sharding.
+    """
+    acc = accumulation_dtype(m.dtype)
+    dtype = np.result_type(acc, np.complex64) if jnp.iscomplexobj(m) else acc
+    m = m.astype(dtype)
+    if not isinstance(options.ns_steps, int):  # traced: not a cache key
+        return _solve(m, options)
+    return per_matrix(_kernel(options), m)
 
 
 def orthogonalize_leaf(

@@ -33,7 +33,7 @@ gather nothing.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
-__all__ = ["Role", "reduce_to_scalar"]
+__all__ = ["Role", "per_matrix", "reduce_to_scalar"]
 
 
 def _leaf_total(part: jax.Array, kind: str, dtype: np.dtype) -> jax.Array:
@@ -268,3 +268,159 @@ def reduce_to_scalar(
     if axis_name is None:
         return total
     return _collective(total, kind, axis_name)
+
+
+# ---------------------------------------------------------------------------
+# Per-matrix maths on a sharded batch of matrices (norm geometry).
+# ---------------------------------------------------------------------------
+
+MatrixFn = Callable[[jax.Array], jax.Array]
+
+
+def _names(entry: Any) -> tuple[str, ...]:
+    if entry is None or entry is PartitionSpec.UNCONSTRAINED:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _batch_spec(spec: PartitionSpec) -> tuple[tuple[str, ...], ...]:
+    """The mesh axes of each of the three axes of a ``(L, r, c)`` batch."""
+    entries = (*spec, *([None] * (3 - len(spec))))
+    return tuple(_names(e) for e in entries)
+
+
+def _local_matrix_fn(
+    fn: MatrixFn,
+    axes: tuple[tuple[str, ...], ...],
+    sizes: dict[str, int],
+    layers: int,
+) -> MatrixFn:
+    """The per-device code of ``fn`` on a ``(L, r, c)`` batch sharded by ``axes``.
+
+    ``fn`` treats each matrix on its own, so only the matrix axes matter:
+
+    * none sharded: ``fn`` on the local layers, no collective;
+    * one sharded, over mesh axes whose size divides the local layer count:
+      one all-to-all moves the sharding onto the layer axis, ``fn`` runs on
+      whole matrices, one all-to-all moves it back;
+    * otherwise each sharded matrix axis is all-gathered once, ``fn`` runs on
+      the whole local layers, and each device keeps its own block (a slice).
+    """
+    batch, rows, cols = axes
+    moved = rows + cols
+    if not moved:
+        return fn
+
+    def size(names: tuple[str, ...]) -> int:
+        return int(np.prod([sizes[n] for n in names], dtype=np.int64))
+
+    local_layers = layers // size(batch)
+    if not (rows and cols) and local_layers % size(moved) == 0:
+        dim = 1 if rows else 2
+
+        def swapped(m: jax.Array) -> jax.Array:
+            whole = jax.lax.all_to_all(m, moved, 0, dim, tiled=True)
+            return jax.lax.all_to_all(fn(whole), moved, dim, 0, tiled=True)
+
+        return swapped
+
+    def gathered(m: jax.Array) -> jax.Array:
+        whole = m
+        for dim, names in ((1, rows), (2, cols)):
+            if names:
+                whole = jax.lax.all_gather(whole, names, axis=dim, tiled=True)
+        out = fn(whole)
+        for dim, names in ((1, rows), (2, cols)):
+            if names:
+                block = m.shape[dim]
+                start = jax.lax.axis_index(names) * block
+                out = jax.lax.dynamic_slice_in_dim(out, start, block, axis=dim)
+        return out
+
+    return gathered
+
+
+def _plain_axes(sharding: NamedSharding) -> bool:
+    spec = sharding.spec
+    return not (spec.unreduced or spec.reduced) and len(spec) <= 3
+
+
+@functools.cache
+def _partitioned(fn: MatrixFn) -> MatrixFn:
+    """``fn`` as a ``custom_partitioning`` op: its partitioning sees the shardings."""
+    from jax.experimental.custom_partitioning import custom_partitioning
+
+    op = custom_partitioning(fn)
+
+    def partition(mesh: Any, arg_shapes: Any, result_shape: Any) -> Any:
+        del result_shape
+        (arg,) = arg_shapes
+        sharding = arg.sharding
+        if not isinstance(sharding, NamedSharding) or not _plain_axes(sharding):
+            sharding = NamedSharding(mesh, PartitionSpec())
+        axes = _batch_spec(sharding.spec)
+        sizes = dict(mesh.shape)
+        lower = _local_matrix_fn(fn, axes, sizes, arg.shape[0])
+        return mesh, lower, sharding, (sharding,)
+
+    def infer(mesh: Any, arg_shapes: Any, result_shape: Any) -> Any:
+        del mesh, result_shape
+        return arg_shapes[0].sharding
+
+    op.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule="l i j -> l i j",
+    )
+
+    @jax.custom_jvp
+    def apply(m: jax.Array) -> jax.Array:
+        return op(m)
+
+    @apply.defjvp
+    def apply_jvp(
+        primals: tuple[jax.Array], tangents: tuple[jax.Array]
+    ) -> tuple[jax.Array, jax.Array]:
+        return jax.jvp(fn, primals, tangents)
+
+    return apply
+
+
+def per_matrix(fn: MatrixFn, m: jax.Array) -> jax.Array:
+    """``fn(m)`` for a ``(L, r, c)`` batch and a ``fn`` that maps each matrix alone.
+
+    Unsharded, ``fn(m)``. Under GSPMD with ``m`` on a mesh (known at trace
+    time for ``Explicit`` axes, at partitioning time for ``Auto`` ones, through
+    ``custom_partitioning``), ``fn`` runs on whole matrices and the result
+    keeps ``m``'s sharding: a sharded layer axis needs no collective; one
+    sharded matrix axis is moved onto the layer axis and back with two
+    all-to-alls when its mesh size divides the local layer count; otherwise
+    each sharded matrix axis is gathered once (nothing inside ``fn``).
+    ``fn`` must be hashable and stable (it keys a cache).
+    """
+    sharding = getattr(jax.typeof(m), "sharding", None)
+    if (
+        m.ndim != 3
+        or not isinstance(sharding, NamedSharding)
+        or sharding.mesh.empty
+        or not _plain_axes(sharding)
+    ):
+        return fn(m)
+    types = set(sharding.mesh.axis_types)
+    if types == {AxisType.Explicit}:
+        axes = _batch_spec(sharding.spec)
+        if not axes[1] + axes[2]:
+            return fn(m)
+        lower = _local_matrix_fn(fn, axes, dict(sharding.mesh.shape), m.shape[0])
+        used = frozenset(a for names in axes for a in names)
+        mapped = jax.shard_map(
+            lower,
+            mesh=sharding.mesh,
+            in_specs=sharding.spec,
+            out_specs=sharding.spec,
+            axis_names=used,
+        )
+        return mapped(m)
+    if AxisType.Manual in types:
+        return fn(m)
+    return _partitioned(fn)(m)

@@ -257,6 +257,16 @@ def orthogonalize(
     matrix only); a zero matrix gives zeros. Newton--Schulz is a polynomial,
     so it is differentiable (with a finite gradient at zero).
 
+    **Sharded** (GSPMD: ``jax.jit`` over leaves with a ``NamedSharding``,
+    ``Auto`` or ``Explicit`` mesh axes) the numbers are those of the
+    unsharded computation and each result keeps its leaf's sharding. Every
+    matrix is made whole on one device before the iterations, so none of
+    them communicates: a stacked leaf sharded along its stack axis needs no
+    collective; a stacked leaf with one matrix axis sharded over mesh axes
+    whose size divides the (local) number of layers is moved onto the stack
+    axis and back with two all-to-alls; otherwise each sharded matrix axis is
+    gathered once.
+
     This is a primitive, not a transform: the per-layer steepest-descent
     transform built on it is :func:`norm_optax.scale_by_lmo` (its
     ``"spectral"`` norm), placed after momentum and before the learning rate.

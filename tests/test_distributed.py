@@ -19,6 +19,11 @@ and writes JSON; the tests here assert on it. Covered:
   stack-aware transform give the unsharded numbers and keep each leaf's
   sharding, and the compiled HLO holds no all-gather (pipeline: no
   collective at all, every layer's units live on one device);
+* norm geometry (API.md 8.4): ``orthogonalize`` on stacked and unstacked
+  sharded matrices (Auto and Explicit axes) gives the unsharded numbers,
+  keeps the sharding, and compiles to two all-to-alls (a matrix axis
+  sharded), none (the stack axis sharded) or one all-gather (unstacked);
+  the same Newton-Schulz left to GSPMD communicates in every iteration;
 * two processes joined by ``jax.distributed`` over gloo (4 devices each).
 """
 
@@ -258,6 +263,59 @@ def test_stacked_transforms_gather_nothing(
     assert case["all_to_all"] == case["collective_permute"] == 0
     if layout == "pipeline":  # every unit of a layer on one device
         assert case["all_reduce"] == 0
+
+
+def _geometry_params() -> list[Any]:
+    return [
+        pytest.param(mode, name)
+        for mode in ("auto", "explicit")
+        for name in sorted(single_host.GEOMETRY_CASES)
+        if mode == "auto" or name in single_host.GEOMETRY_EXPLICIT
+    ]
+
+
+# The polar factor is a degree-243 polynomial of the input (5 quintic steps):
+# a different float32 summation order (the local batch of each device) moves
+# its entries (of size ~0.3) by a few 1e-7.
+GEOMETRY_ATOL = 2e-6
+
+
+@pytest.mark.parametrize(("mode", "name"), _geometry_params())
+def test_orthogonalize_sharded_matches_keeps_sharding_and_collectives(
+    results: dict[str, Any], mode: str, name: str
+) -> None:
+    case = _case(results, "geometry", mode, name)
+    assert case["max_abs_err"] <= GEOMETRY_ATOL
+    assert case["sharding"] == []
+    moved = ("all_gather", "all_reduce", "all_to_all", "collective_permute")
+    if name == "stack_sharded":  # every matrix whole on one device
+        assert all(case[op] == 0 for op in moved)
+    elif name.startswith("stack_"):  # onto the stack axis and back: all-to-all
+        assert case["all_to_all"] == 2
+        assert case["all_gather"] == case["all_reduce"] == 0
+        assert case["collective_permute"] == 0
+    elif name.startswith("unstacked_"):  # gathered once, nothing in the loop
+        assert case["all_gather"] == 1
+        assert case["all_reduce"] == case["all_to_all"] == 0
+    else:  # two sharded matrix axes: numbers and sharding only (API.md 8.4)
+        assert name == "two_matrix_axes"
+
+
+def test_naive_newton_schulz_communicates_in_every_iteration(
+    results: dict[str, Any],
+) -> None:
+    # What GSPMD does with the same maths when nothing moves the matrices:
+    # collectives inside the iterations (the pitfall 8.4 fixes).
+    rows = _case(results, "geometry", "naive_rows")
+    cols = _case(results, "geometry", "naive_cols")
+    assert rows["all_reduce"] >= 5
+    assert cols["all_gather"] >= 10
+
+
+def test_scale_by_lmo_sharded_tree(results: dict[str, Any]) -> None:
+    case = _case(results, "geometry", "tree")
+    assert case["max_abs_err"] <= GEOMETRY_ATOL
+    assert case["sharding"] == []
 
 
 AXIS_NAME_CASES = [

@@ -10,6 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import hypothesis
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -395,3 +398,64 @@ def test_polar_helpers_round_trip() -> None:
         fan_in, fan_out = _polar.fans(x.shape, stack, axes)
         assert m.shape[1:] == (fan_in, fan_out)
         np.testing.assert_array_equal(_polar.from_matrices(m, x.shape, stack, axes), x)
+
+
+# ---------------------------------------------------------------------------
+# Properties: d(u) lies on the unit sphere of its norm, <u, d(u)> is the dual
+# norm of u, and the polar factor is idempotent (float64, SVD for spectral).
+# ---------------------------------------------------------------------------
+
+small_matrices = hnp.arrays(
+    np.float64,
+    hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=6),
+    # Zeros and magnitudes in [1e-3, 10]: a layer whose sum of squares
+    # underflows counts as zero (the norms' documented range).
+    elements=st.one_of(st.just(0.0), st.floats(1e-3, 10), st.floats(-10, -1e-3)),
+)
+
+
+def _own_and_dual(name: str, u: np.ndarray) -> tuple[float, float]:
+    """The norm of ``u`` (own) and its dual norm, float64."""
+    if name == "spectral":
+        s = np.linalg.svd(u, compute_uv=False)
+        return float(s[0]), float(s.sum())
+    if name == "frobenius":
+        return float(np.linalg.norm(u)), float(np.linalg.norm(u))
+    if name == "rms":
+        return float(np.linalg.norm(u) / math.sqrt(u.size)), float(
+            math.sqrt(u.size) * np.linalg.norm(u)
+        )
+    if name == "sign":
+        return float(np.abs(u).max()), float(np.abs(u).sum())
+    units = np.linalg.norm(u, axis=0)  # "unit": one unit per column
+    return float(units.max()), float(units.sum())
+
+
+@hypothesis.given(
+    u=small_matrices,
+    name=st.sampled_from(["spectral", "frobenius", "rms", "sign", "unit"]),
+)
+def test_property_unit_norm_and_dual_norm(u: np.ndarray, name: str) -> None:
+    with jax.enable_x64(True):
+        tx = nox.scale_by_lmo(name, method="svd")
+        d = np.asarray(apply(tx, {"w": jnp.asarray(u)})["w"])
+    own, _ = _own_and_dual(name, d)
+    if name == "unit":  # every nonzero unit has norm 1
+        units = np.linalg.norm(d, axis=0)
+        nonzero = np.linalg.norm(u, axis=0) > 0
+        np.testing.assert_allclose(units[nonzero], 1.0, rtol=1e-9)
+        np.testing.assert_array_equal(units[~nonzero], 0.0)
+    elif np.any(u != 0):
+        np.testing.assert_allclose(own, 1.0, rtol=1e-9)
+    else:
+        np.testing.assert_array_equal(d, 0.0)
+    _, dual = _own_and_dual(name, u)
+    np.testing.assert_allclose(np.vdot(u, d), dual, rtol=1e-9, atol=1e-12)
+
+
+@hypothesis.given(u=small_matrices)
+def test_property_polar_factor_is_idempotent(u: np.ndarray) -> None:
+    with jax.enable_x64(True):
+        once = nox.orthogonalize(jnp.asarray(u), method="svd")
+        twice = nox.orthogonalize(once, method="svd")
+    np.testing.assert_allclose(twice, once, atol=1e-9)

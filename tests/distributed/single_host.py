@@ -721,6 +721,108 @@ def axis_name_results() -> dict[str, Any]:
     return results
 
 
+# ---------------------------------------------------------------------------
+# Norm geometry (API.md 8.4): the polar factor of sharded matrices.
+# ---------------------------------------------------------------------------
+
+# case -> (mesh, leaf shape, stack axes, spec). (8, 32, 16): 8 stacked
+# layers; the 2-D mesh has 4 x 2 devices, so "model" (2) divides the 2 local
+# layers of each "data" shard.
+GEOMETRY_CASES: dict[str, tuple[str, tuple[int, ...], int, P]] = {
+    "stack_sharded": ("fsdp", (8, 32, 16), 1, P("fsdp", None, None)),
+    "stack_fsdp_rows": ("fsdp", (8, 32, 16), 1, P(None, "fsdp", None)),
+    "stack_fsdp_cols": ("fsdp", (8, 32, 16), 1, P(None, None, "fsdp")),
+    "stack_2d": ("2d", (8, 32, 16), 1, P("data", "model", None)),
+    "unstacked_rows": ("fsdp", (32, 16), 0, P("fsdp", None)),
+    "unstacked_cols": ("fsdp", (32, 16), 0, P(None, "fsdp")),
+    "two_matrix_axes": ("2d", (8, 32, 16), 1, P(None, "data", "model")),
+}
+# Explicit axes run the layouts whose collectives differ (fewer compilations).
+GEOMETRY_EXPLICIT = frozenset({"stack_fsdp_rows", "stack_2d", "unstacked_cols"})
+
+
+def geometry_results() -> dict[str, Any]:
+    """``orthogonalize``/``scale_by_lmo`` on sharded leaves: numbers, shardings, HLO."""
+    from norm_optax import _polar  # the unpartitioned kernel, for the naive count
+
+    rng = np.random.default_rng(3)
+    results: dict[str, Any] = {}
+    for axis_type in (jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit):
+        mode = "explicit" if axis_type == jax.sharding.AxisType.Explicit else "auto"
+        out: dict[str, Any] = {}
+        for name, (kind, shape, stack, spec) in GEOMETRY_CASES.items():
+            if mode == "explicit" and name not in GEOMETRY_EXPLICIT:
+                continue
+
+            def case(
+                kind: str = kind,
+                shape: Any = shape,
+                stack: int = stack,
+                spec: P = spec,
+                axis_type: Any = axis_type,
+                mode: str = mode,
+            ) -> dict[str, Any]:
+                x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+                mesh = make_mesh(kind, axis_type)
+                sx = jax.device_put(x, NamedSharding(mesh, spec))
+
+                def f(x: jax.Array) -> jax.Array:
+                    return nox.orthogonalize(x, stack_axes=stack)
+
+                exe: Any = jax.jit(f, in_shardings=sx.sharding).lower(sx).compile()
+                got = exe(sx)
+                return {
+                    "max_abs_err": float(np.max(np.abs(got - jax.jit(f)(x)))),
+                    "sharding": sharding_mismatches(
+                        {"x": got}, {"x": sx}, explicit=mode == "explicit"
+                    ),
+                    **collectives(exe.as_text()),
+                }
+
+            out[name] = timed(case)
+        results[mode] = out
+
+    def naive(spec: P) -> dict[str, Any]:
+        """The same Newton-Schulz without the partitioning (what GSPMD does)."""
+        options = _polar.polar_options("newton_schulz", 5, "standard")
+        mesh = make_mesh("fsdp", jax.sharding.AxisType.Auto)
+        x = jnp.asarray(rng.normal(size=(8, 32, 16)), jnp.float32)
+        sx = jax.device_put(x, NamedSharding(mesh, spec))
+        exe: Any = (
+            jax.jit(lambda m: _polar._solve(m, options), in_shardings=sx.sharding)
+            .lower(sx)
+            .compile()
+        )
+        return collectives(exe.as_text())
+
+    def small_tree() -> dict[str, Any]:
+        """``scale_by_lmo`` ("auto", Muon scale) on a stacked tree, FSDP, Auto."""
+        shapes = {
+            "blocks/kernel": ((8, 32, 16), P(None, "fsdp", None)),
+            "blocks/bias": ((8, 16), P(None, "fsdp")),
+            "wte": ((32, 16), P(None, "fsdp")),
+        }
+        grads = {
+            k: jnp.asarray(rng.normal(size=s), jnp.float32)
+            for k, (s, _) in shapes.items()
+        }
+        tx = nox.scale_by_lmo(stack_axes=STACK, dims_scale="muon")
+        mesh = make_mesh("fsdp", jax.sharding.AxisType.Auto)
+        shard = {k: NamedSharding(mesh, spec) for k, (_, spec) in shapes.items()}
+        sgrads = jax.device_put(grads, shard)
+        got = jax.jit(lambda g: apply_once(tx, g), in_shardings=(shard,))(sgrads)
+        want = jax.jit(lambda g: apply_once(tx, g))(grads)
+        return {
+            "max_abs_err": max(float(np.max(np.abs(got[k] - want[k]))) for k in shapes),
+            "sharding": sharding_mismatches(got, sgrads, explicit=False),
+        }
+
+    results["naive_rows"] = run_case(lambda: naive(P(None, "fsdp", None)))
+    results["naive_cols"] = run_case(lambda: naive(P(None, None, "fsdp")))
+    results["tree"] = timed(small_tree)
+    return results
+
+
 def main(path: str) -> None:
     results: dict[str, Any] = {
         "devices": len(jax.devices()),
@@ -733,6 +835,7 @@ def main(path: str) -> None:
         ("auto", lambda: gspmd_results(jax.sharding.AxisType.Auto)),
         ("axis_name", axis_name_results),
         ("stacked", stacked_results),
+        ("geometry", geometry_results),
     ]:
         start = time.perf_counter()
         results[key] = run_case(fn)
