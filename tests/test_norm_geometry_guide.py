@@ -4,12 +4,13 @@ The guide's code blocks are named ``geo-<section>-setup`` (the inputs a
 section shares) and ``geo-<section>-<pair>-peer`` / ``-nox`` (the two sides
 of a pair), as in the migration guide. Each side runs in a fresh namespace
 after the section's setup; then the pair's comparison below checks that
-both computed the same numbers. The optax pairs always run, the PyTorch
-pair where PyTorch is installed.
+both computed the same numbers. The optax pairs always run, the PyTorch and
+Keras pairs where those libraries are installed (Keras on its JAX backend).
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 from collections.abc import Callable
@@ -26,7 +27,7 @@ BLOCK = re.compile(
     r"```\{code-block\} python\n:name: geo-([a-z0-9-]+)\n\n(.*?)```", re.S
 )
 BLOCKS = dict(BLOCK.findall(GUIDE.read_text()))
-PEERS = {"optax": "optax", "torch": "torch"}
+PEERS = {"optax": "optax", "torch": "torch", "keras": "keras"}
 
 Namespace = dict[str, Any]
 
@@ -61,6 +62,8 @@ COMPARE: dict[str, Callable[[Namespace, Namespace], None]] = {
     "optax-flat": same("new", rtol=1e-5, atol=1e-6),
     "optax-stacked": same("stacked", rtol=1e-5, atol=1e-6),
     "torch-muon": compare_torch_muon,
+    # Keras puts AdamW's epsilon outside the bias correction: 1e-7 apart.
+    "keras-muon": same("new", rtol=1e-5, atol=1e-6),
 }
 
 
@@ -83,6 +86,9 @@ def run(pair: str, side: str) -> Namespace:
 
 @pytest.mark.standard_promotion  # optax and the guide run as users run them
 @pytest.mark.parametrize("pair", sorted(COMPARE))
-def test_both_sides_agree(pair: str) -> None:
-    pytest.importorskip(PEERS[pair.split("-")[0]])
+def test_both_sides_agree(pair: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    section = pair.split("-")[0]
+    if section == "keras":
+        monkeypatch.setitem(os.environ, "KERAS_BACKEND", "jax")
+    pytest.importorskip(PEERS[section])
     COMPARE[pair](run(pair, "peer"), run(pair, "nox"))
