@@ -155,7 +155,8 @@ def muon(
       adam_weight_decay: AdamW's decoupled weight decay.
 
     Returns:
-      An ``optax.GradientTransformation`` (an ``optax.partition``).
+      An ``optax.GradientTransformation`` (an ``optax.partition``; integer
+      and bool leaves pass through unchanged).
 
     Raises:
       ValueError: a concrete ``learning_rate``, ``weight_decay`` or

@@ -61,6 +61,14 @@ EXPECTED = {
         "check max_norm(1.0, stack_axes=1): largest per-layer unit norm",
         "-> OK",
     ],
+    "05_norm_geometry.ipynb": [
+        "optax.contrib.muon: adam  nox.muon(stack_axes=1): muon",
+        "| run | final loss | test accuracy | sigma_max dense1",
+        "check muon:",
+        "check scion_constrained:",
+        "**Constrained Scion: inside its ball**",
+        "-> OK",
+    ],
 }
 
 
