@@ -955,6 +955,59 @@ print(
     f"<= 1 -> {'OK' if ok else 'FAILED'}"
 )""",
     ),
+    (
+        "markdown",
+        """\
+## Per-layer norms in the optimizer state: `record_layer_norms`
+
+Returning `leaf_norms(grads)` from the step works, but every training loop
+has to do it by hand. `nox.record_layer_norms(inner, stack_axes=...)` wraps
+the optimizer and keeps, in its state, the norm of every layer of the
+gradient (`input_norms`), of the step taken (`output_norms`), of the
+weights (`param_norms`) and their ratio (`update_ratios`), with the same
+`stack_axes`. The updates are `inner`'s, bit for bit. Below, the
+`stack_axes=1` chain above, wrapped, at a learning rate 30 times larger;
+`nox.layer_norms_dict` flattens a field for a logger, and
+`norm_optax.plotting.layer_norms_heatmap` draws the history, one row per
+layer, one column per step.""",
+    ),
+    (
+        "code",
+        """\
+from norm_optax.plotting import layer_norms_heatmap
+
+tele_steps = 30 if SMALL else 300
+tx = nox.record_layer_norms(
+    optax.chain(
+        optax.adamw(3e-2, mask=stacked), nox.max_norm(1.0, stack_axes=1, mask=stacked)
+    ),
+    stack_axes=1,
+)
+student = Stack(nnx.Rngs(0))
+optimizer = nnx.Optimizer(student, tx, wrt=nnx.Param)
+history = []
+for _ in range(tele_steps):
+    train_step(student, optimizer, x, y)
+    state = optimizer.opt_state
+    history.append(
+        {
+            "grad": named(optax.tree.get(state, "input_norms")),
+            "ratio": named(optax.tree.get(state, "update_ratios")),
+        }
+    )
+print(nox.layer_norms_dict(optax.tree.get(state, "input_norms"), prefix="grad/"))
+history = jax.tree.map(lambda *xs: np.stack(xs), *history)  # leaves: (steps, LAYERS)
+
+fig, (ax_grad, ax_ratio) = plt.subplots(1, 2, figsize=(12, 3.8), layout="constrained")
+layer_norms_heatmap(history["grad"], ax=ax_grad, title="gradient norm per layer")
+layer_norms_heatmap(
+    history["ratio"],
+    ax=ax_ratio,
+    title="update-to-weight ratio per layer",
+    label="||update|| / ||weights||",
+)
+plt.show()""",
+    ),
 ]
 
 GEOMETRY = [

@@ -60,6 +60,7 @@ EXPECTED = {
         "**Gradient norm per layer",
         "check max_norm(1.0, stack_axes=1): largest per-layer unit norm",
         "-> OK",
+        "'grad/layers/up/kernel/3':",  # record_layer_norms, layer_norms_dict
     ],
     "05_norm_geometry.ipynb": [
         "optax.contrib.muon: adam  nox.muon(stack_axes=1): muon",

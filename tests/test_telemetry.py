@@ -301,3 +301,25 @@ def test_heatmap_helper_draws_a_real_figure(tmp_path: Any) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="steps axis"):
         layer_rows({"a": np.float32(1.0)})
+
+
+@pytest.mark.standard_promotion  # flax and optax, as users run them
+def test_nnx_optimizer_with_stack_axes_from_partitions() -> None:
+    from flax import nnx
+
+    from tests.test_layouts import L, _stacked_nnx
+
+    model = _stacked_nnx()  # L blocks by nnx.vmap (partition name "layers"), a head
+    stack = nox.masks.stack_axes_from_partitions(nnx.state(model, nnx.Param))
+    tx = nox.record_layer_norms(optax.sgd(0.1), stack_axes=stack)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    x = jnp.ones((3, 4))
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+    norms = nox.layer_norms_dict(optax.tree.get(optimizer.opt_state, "input_norms"))
+    assert {k for k in norms if k.startswith("blocks/linear/kernel")} == {
+        f"blocks/linear/kernel/{i}" for i in range(L)
+    }
+    assert "head/kernel" in norms
+    want = np.linalg.norm(np.asarray(grads["blocks"]["linear"]["kernel"][...][1]))
+    assert norms["blocks/linear/kernel/1"] == pytest.approx(float(want), rel=1e-6)
