@@ -291,7 +291,7 @@ def compile_leaves(n: int) -> dict[str, float]:
             out[f"plain {name}"] = _seconds(
                 lambda p, fn=fn: jax.tree.map(fn, p), params
             )
-    for name in ("max_norm(1.0)", "unit_norm()", "clip_weights(0.1)"):
+    for name in ("max_norm(1.0)",):
         tx = {**ELEMENTWISE, **PER_UNIT}[name]()
         out[f"nox.{name}"] = _seconds(
             lambda u, p, tx=tx: tx.update(u, tx.init(p), p)[0], grads, params
@@ -362,8 +362,6 @@ def targets(result: ProjectionsResult) -> TargetTable:
     c = result.compile_tree
     for nox_key, plain_key, what in (
         ("nox.max_norm(1.0)", "plain max_norm(1.0)", "update alone"),
-        ("nox.unit_norm()", "plain max_norm(1.0)", "update alone"),
-        ("nox.clip_weights(0.1)", "plain max_norm(1.0)", "update alone"),
         (
             "chain(adamw, nox.max_norm(1.0)) step",
             "adamw + plain max_norm step",

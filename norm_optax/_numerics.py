@@ -48,8 +48,10 @@ __all__ = [
     "outer_bound",
     "reach",
     "real_dtype",
+    "round_to",
     "safe_ratio",
     "scale_leaf",
+    "select",
     "soft_threshold",
     "toward_zero",
     "wide_sum",
@@ -93,10 +95,25 @@ def as_real(value: Scalar, like: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
+def select(cond: jax.Array, a: Any, b: Any) -> jax.Array:
+    """``jnp.where(cond, a, b)`` for ``a``, ``b`` of one dtype: one ``select`` op.
+
+    (Without ``jnp.where``'s promotion and its nested call per use: fewer
+    ops to trace and compile per leaf.) Scalars are broadcast.
+    """
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    dtype = a.dtype if a.ndim or not b.ndim else b.dtype
+    shape = jnp.broadcast_shapes(cond.shape, a.shape, b.shape)
+    a = jnp.broadcast_to(a.astype(dtype), shape)
+    b = jnp.broadcast_to(b.astype(dtype), shape)
+    return jax.lax.select(jnp.broadcast_to(cond, shape), a, b)
+
+
 def safe_ratio(num: jax.Array, den: jax.Array, at_zero: Any) -> jax.Array:
     """``num / den``, ``at_zero`` where ``den == 0``, with a finite gradient there."""
     positive = den != 0
-    return jnp.where(positive, num / jnp.where(positive, den, 1), at_zero)
+    ratio = num / select(positive, den, jnp.ones((), den.dtype))
+    return select(positive, ratio, jnp.asarray(at_zero).astype(ratio.dtype))
 
 
 def clip_scale(norm: jax.Array, limit: Any) -> jax.Array:
@@ -174,14 +191,30 @@ def applied_dtype(p_dtype: Any, u_dtype: Any) -> np.dtype:
         return np.dtype(jnp.promote_types(p_dtype, u_dtype))
 
 
-def reach(p: jax.Array, v: jax.Array) -> jax.Array:
+def round_to(x: jax.Array, dtype: Any) -> jax.Array:
+    """``x`` rounded to nearest in ``dtype``, kept in ``x``'s (wider) dtype.
+
+    ``lax.reduce_precision``, not a cast there and back: XLA may drop such a
+    pair of casts (excess precision), never a ``reduce_precision``.
+    """
+    if not _narrower(dtype, x.dtype):
+        return x
+    info = jnp.finfo(dtype)
+    return jax.lax.reduce_precision(x, info.nexp, info.nmant)
+
+
+def reach(p: jax.Array, v: jax.Array, wide: Any = None) -> jax.Array:
     """The new parameter :func:`optax.apply_updates` computes from ``p`` and ``v``.
 
-    ``p + v`` in the promoted dtype of both, cast to ``p``'s dtype: the exact
-    arithmetic of optax, written without implicit promotion.
+    ``p + v`` in the promoted dtype of both, rounded to ``p``'s dtype: the
+    exact arithmetic of optax, written without implicit promotion. With
+    ``wide``, the result is in that (wider) dtype, each rounding emulated.
     """
     dtype = applied_dtype(p.dtype, v.dtype)
-    return (p.astype(dtype) + v.astype(dtype)).astype(p.dtype)
+    if wide is None:
+        return (p.astype(dtype) + v.astype(dtype)).astype(p.dtype)
+    total = round_to(p.astype(wide) + v.astype(wide), dtype)
+    return round_to(total, p.dtype)
 
 
 def _narrower(a: Any, b: Any) -> bool:
@@ -199,11 +232,11 @@ def toward_zero(t: jax.Array, dtype: Any) -> jax.Array:
 
 def _directed(t: jax.Array, dtype: Any, up: bool) -> jax.Array:
     """``t`` rounded to ``dtype`` down (``up=False``) or up, in ``t``'s dtype."""
-    near = t.astype(dtype)
-    wide = near.astype(t.dtype)
+    wide = round_to(t, dtype)
     wrong = wide < t if up else wide > t
+    near = wide.astype(dtype)  # exact: representable
     step = jnp.full_like(near, jnp.inf if up else -jnp.inf)
-    return jnp.where(wrong, jnp.nextafter(near, step), near).astype(t.dtype)
+    return jnp.where(wrong, jnp.nextafter(near, step).astype(t.dtype), wide)
 
 
 def _step(v: jax.Array, up: bool) -> jax.Array:
@@ -224,7 +257,8 @@ def _land_bound(p: jax.Array, u: jax.Array, x: jax.Array, t: jax.Array) -> jax.A
     the exact difference, and ``p + v`` rounds monotonically in ``v``).
     """
     wide = t.dtype
-    v = (t - p.astype(wide)).astype(u.dtype)
+    if p.dtype == u.dtype == wide:  # float32, float64: one rounding each way
+        return _land_bound_same(p, x, t)
     up = t > x
     inf = jnp.asarray(jnp.inf, wide)
     zero = jnp.zeros((), wide)
@@ -232,12 +266,30 @@ def _land_bound(p: jax.Array, u: jax.Array, x: jax.Array, t: jax.Array) -> jax.A
     hi = jnp.where(up, jnp.where(t < 0, zero, inf), t)
     if _narrower(p.dtype, wide):  # the interval's ends in the parameter's grid
         lo, hi = _directed(lo, p.dtype, up=True), _directed(hi, p.dtype, up=False)
-    new = reach(p, v).astype(wide)
+        t = jnp.where(up, lo, hi)  # the target's end: ``p + v`` rounds onto it
+    v = round_to(t - p.astype(wide), u.dtype).astype(u.dtype)
+    new = reach(p, v, wide)
     return jnp.where(new > hi, _step(v, False), jnp.where(new < lo, _step(v, True), v))
 
 
+def _land_bound_same(p: jax.Array, x: jax.Array, t: jax.Array) -> jax.Array:
+    """:func:`_land_bound` where params, updates and targets share one dtype.
+
+    ``p + v`` for ``v`` near ``-p`` is exact, so the grid of reachable values
+    contains ``0`` and one step of ``v`` never crosses it: only the side of
+    ``t`` needs checking.
+    """
+    v = t - p
+    new = p + v
+    down = t < x
+    wrong = jax.lax.select(down, new > t, new < t)
+    inf = jnp.full(v.shape, jnp.inf, v.dtype)
+    step = jax.lax.nextafter(v, jax.lax.select(down, -inf, inf))
+    return jax.lax.select(wrong, step, v)
+
+
 def _land_nearest(p: jax.Array, t: jax.Array, dtype: Any) -> jax.Array:
-    return (t - p.astype(t.dtype)).astype(dtype)
+    return round_to(t - p.astype(t.dtype), dtype).astype(dtype)
 
 
 def _land_real(
@@ -366,11 +418,11 @@ def _land_units(
     pw = p.astype(wide)
 
     def landed(f: jax.Array) -> jax.Array:
-        v = (t * f - pw).astype(u.dtype)
+        v = round_to(t * f - pw, u.dtype).astype(u.dtype)
         return jnp.where(same & (f == 1), u, v)
 
     def norm(v: jax.Array) -> jax.Array:
-        new = reach(p, v).astype(wide)
+        new = reach(p, v, wide)
         return jnp.sqrt(jnp.sum(new * new, axis=axes, keepdims=True))
 
     def bad(n: jax.Array) -> jax.Array:

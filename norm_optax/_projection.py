@@ -10,22 +10,33 @@ the L2 and L1 balls over the whole tree are in ``_balls``, on the same
 builder, ``_transform.projection``). Every transform here is stateless
 (``optax.EmptyState``) and needs ``params``.
 
-**Rounding.** ``optax.apply_updates`` adds ``u'`` to ``p`` in the parameter's
-dtype, which rounds once more. Elements a projection leaves alone get ``u``
-back unchanged. For the elements it moves, the target ``P(p + u)`` is computed
-in ``float32`` or wider and ``u'`` is chosen so that the new parameter
-``fl(p + u')`` lies between ``0`` and the target, rounded toward zero: it is
-never larger in magnitude than the exact projection, so bounds (``|w| <= c``,
-``w >= 0``, ``||w_unit|| <= c``, ...) hold after ``apply_updates`` also in
-``float16``/``bfloat16``. (``p + u'`` can only reach values on a grid of
-spacing about one ulp of ``p``: when the target is much smaller than ``p``,
-the new parameter lands up to that far inside.) Norm bounds are aimed four
-units in the last place (of the accumulation dtype) inside, so that the
-rounding of the norm itself cannot push a unit over. A target of exactly
-``0`` gives ``u' = -p``, so the new parameter is exactly ``0``. The
-equality constraint of :func:`unit_norm` is landed to nearest instead: no
-bias, a few roundings of that grid either side. A NaN in
-``params`` or ``updates`` gives NaN, never a plausible-looking value.
+**Rounding.** ``optax.apply_updates`` adds ``u'`` to ``p`` in the promoted
+dtype of the two and rounds the sum to the parameter's dtype. Elements a
+projection leaves alone get ``u`` back unchanged. For the elements it moves,
+the target ``P(p + u)`` is computed in ``float32`` or wider and ``u'`` is
+chosen *in the update's dtype* (``float32`` params with ``bfloat16`` updates
+included) so that what ``apply_updates`` computes keeps every bound
+(``|w| <= c``, ``w >= 0``, ``||w_unit|| <= c``, the balls): the new parameter
+is the target, or lies just past it in the direction the projection moved it
+(never across zero), so an upper bound is never exceeded and a lower bound
+never missed, in every pair of dtypes. ``p + u'`` can only reach the values
+``p + v`` for ``v`` of the update's dtype; in ``float16``/``bfloat16`` a large
+move (a unit shrunk many times) has a coarse grid. A unit norm constraint
+then lands each unit as near its target norm as that grid allows: rounded to
+nearest, the unit's new norm checked, and its target rescaled when it misses
+(a unit is never zeroed unless its target is zero; a unit that starts within
+twice its bound ends within ``[b(1 - 2eps), b]``, ``eps`` that of the
+dtype). Norm bounds are aimed four units in the last place (of the
+accumulation dtype) inside, so that the rounding of the norm itself cannot
+push a unit over. A target of exactly ``0`` gives ``u' = -p`` rounded to the
+update's dtype (exactly ``0`` when ``-p`` is representable there). The
+equality constraint of :func:`unit_norm` is landed to nearest.
+
+**Non-finite input.** Where ``p + u`` is NaN or infinite (a NaN or infinite
+parameter or update), the new parameter is NaN: every projection and prox
+(per element, or the whole unit, or the whole tree for the balls), never a
+plausible finite value such as the bound, so that ``optax.apply_if_finite``
+can skip the step.
 
 Under :func:`optax.inject_hyperparams`, pass ``axis`` and a callable ``mask``
 in ``static_args`` (a callable would otherwise be taken for a schedule).

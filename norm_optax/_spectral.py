@@ -360,9 +360,10 @@ def clip_spectral_norm(
     slowly moving matrix: after 50 updates with ``num_iters=1`` on a 256x128
     Gaussian matrix it is within ``1e-3`` of ``max_value`` (or below it).
     The loop runs in ``float32`` or wider with ``Precision.HIGHEST``
-    matmuls; the target is aimed a few ulps inside and rounded toward zero
-    in the parameter's dtype (half precision computed in ``float32``, cast
-    once). A zero matrix stays as it is (scale 1, finite gradients; its
+    matmuls; the target is aimed a few ulps inside and landed in the
+    update's dtype so that, after ``optax.apply_updates``, no element is
+    larger in magnitude than its target (half precision computed in
+    ``float32``). A zero matrix stays as it is (scale 1, finite gradients; its
     vector is kept); a NaN or infinite entry of ``p + u`` makes its matrix
     NaN (the vector is kept, so later steps are not poisoned).
     Meta-gradients flow through :math:`\hat\sigma` as in spectral

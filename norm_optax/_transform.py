@@ -43,6 +43,7 @@ from norm_optax._numerics import (
     land,
     land_units,
     needs_unit_check,
+    select,
     wide_sum,
     widen,
 )
@@ -319,9 +320,9 @@ def _land_leaf(
 ) -> jax.Array:
     assert c.p is not None
     if keep is not False:
-        t = jnp.where(keep, x, t)
+        t = select(keep, x, t)
     # A non-finite ``p + u`` never becomes a finite parameter.
-    t = poison(jnp.where(jnp.isfinite(x), t, jnp.nan), valid)
+    t = poison(select(jnp.isfinite(x), t, jnp.full((), jnp.nan, t.dtype)), valid)
     return land(c.p, c.u, x, t, landing)
 
 
@@ -331,7 +332,7 @@ def _land_unit(
     assert c.p is not None
     norm = _norms.axes_norm(x, 2, c.leaf.axes, axis_name=None, widened_from=c.p.dtype)
     scale = target.fn(norm, c.leaf, values)
-    scale = jnp.where(jnp.isfinite(norm), scale, jnp.nan)
+    scale = select(jnp.isfinite(norm), scale, jnp.full((), jnp.nan, scale.dtype))
     t = poison(x * scale.astype(x.dtype), valid)
     if target.limits is None or not needs_unit_check(c.p.dtype, c.u.dtype):
         return land(c.p, c.u, x, t, target.landing)
