@@ -85,10 +85,12 @@ def test_svd_matches_float64_polar_factor(shape: tuple[int, int]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("coeffs", "table", "safety"),
-    [("standard", [STANDARD], 0.0), ("polar_express", POLAR_EXPRESS, 0.02)],
+    ("coeffs", "table", "safety", "shape"),
+    [
+        ("standard", [STANDARD], 0.0, (12, 7)),
+        ("polar_express", POLAR_EXPRESS, 0.02, (7, 12)),
+    ],
 )
-@pytest.mark.parametrize("shape", [(12, 7), (7, 12)])
 def test_newton_schulz_matches_float64_recurrence(
     x64: Any, coeffs: str, table: Any, safety: float, shape: tuple[int, int]
 ) -> None:
@@ -122,7 +124,7 @@ def test_user_coefficients_tuple_and_sequence(x64: Any) -> None:
 
 
 ACCURACY_SHAPES = [
-    (256, 128),
+    pytest.param((256, 128), marks=pytest.mark.slow),
     pytest.param((768, 3072), marks=pytest.mark.slow),
     pytest.param((3072, 768), marks=pytest.mark.slow),
     (64, 64),
@@ -380,6 +382,7 @@ def test_traced_radius_out_of_domain_gives_nan() -> None:
     assert bool(jnp.all(jnp.isnan(out["w"])))
 
 
+@pytest.mark.slow  # (the battery's grad test covers the default case)
 def test_meta_gradient_at_zero_is_finite() -> None:
     for norm in ("frobenius", "rms", "unit", "spectral"):
 
@@ -431,6 +434,7 @@ def _own_and_dual(name: str, u: np.ndarray) -> tuple[float, float]:
     return float(units.max()), float(units.sum())
 
 
+@pytest.mark.slow
 @hypothesis.given(
     u=small_matrices,
     name=st.sampled_from(["spectral", "frobenius", "rms", "sign", "unit"]),
@@ -453,6 +457,7 @@ def test_property_unit_norm_and_dual_norm(u: np.ndarray, name: str) -> None:
     np.testing.assert_allclose(np.vdot(u, d), dual, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 @hypothesis.given(u=small_matrices)
 def test_property_polar_factor_is_idempotent(u: np.ndarray) -> None:
     with jax.enable_x64(True):
