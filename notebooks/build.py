@@ -42,13 +42,60 @@ def badge(name: str) -> str:
     return f"[![Open in Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
 
 
-INSTALL = """\
-# On Colab (or anywhere norm_optax is not installed yet): install it with the
-# "examples" extra (flax, matplotlib, scikit-learn). Skipped when importable.
-import importlib.util
+# The release the committed notebooks were executed with: their install cell
+# pins it (a git tag until norm-optax is on PyPI).
+RELEASE_TAG = "v0.3.0"
 
-if importlib.util.find_spec("norm_optax") is None:
-    %pip install -q "norm-optax[examples] @ git+https://github.com/norm-optax/norm_optax\""""
+# The install cell, in two parts: the decision (plain Python, which
+# tests/test_install_cell.py executes) and the %pip line that acts on it.
+INSTALL_LOGIC = f"""\
+# On Colab (or anywhere norm_optax is not installed yet): install norm_optax
+# {RELEASE_TAG}, the release this notebook was run with, and its "examples"
+# extra (flax, matplotlib, scikit-learn). Skipped when importable. A jax that
+# norm_optax supports is kept as it is (on a Colab TPU a new jaxlib breaks the
+# TPU backend): pip gets the installed jax and jaxlib as pins.
+import importlib.metadata
+import importlib.util
+import re
+import shlex
+
+PACKAGE = "norm-optax[examples] @ git+https://github.com/{REPO}@{RELEASE_TAG}"
+JAX_MIN = (0, 9, 0)  # norm_optax's lowest supported jax
+
+
+def installed(distribution):
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def requirements(importable, jax, jaxlib):
+    \"\"\"What to pip-install; jax, jaxlib: installed versions or None.\"\"\"
+    if importable:
+        return []
+    numbers = re.match(r"\\d+(?:\\.\\d+)*", jax or "")
+    if numbers is None or tuple(map(int, numbers[0].split("."))) < JAX_MIN:
+        if jax is not None:
+            print(f"jax {{jax}} is older than norm_optax supports: pip upgrades it")
+        return [PACKAGE]
+    pins = [f"jax=={{jax}}"] + ([f"jaxlib=={{jaxlib}}"] if jaxlib else [])
+    return [PACKAGE, *pins]
+"""
+
+INSTALL = (
+    INSTALL_LOGIC
+    + """
+
+to_install = requirements(
+    importlib.util.find_spec("norm_optax") is not None,
+    installed("jax"),
+    installed("jaxlib"),
+)
+if to_install:
+    args = " ".join(map(shlex.quote, to_install))
+    %pip install -q {args}"""
+)
 
 SMALL = """\
 %matplotlib inline
