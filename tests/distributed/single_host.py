@@ -1014,6 +1014,7 @@ def telemetry_results() -> dict[str, Any]:
 
         with jax.set_mesh(mesh):
             results["stacked_gpt" if stacked else "unstacked_gpt"] = timed(count)
+    return results
 
 
 # ---------------------------------------------------------------------------
