@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from norm_optax._sharding import per_matrix
+from norm_optax._sharding import per_layer
 from norm_optax._types import accumulation_dtype
 
 __all__ = [
@@ -199,8 +199,8 @@ def _order(shape: tuple[int, ...], stack: int, axes: tuple[int, ...]) -> list[in
 def to_matrices(x: jax.Array, stack: int, axes: tuple[int, ...]) -> jax.Array:
     """The ``(layers, fan_in, fan_out)`` batch of the matrices of ``x``."""
     shape = tuple(x.shape)
-    fan_in, fan_out = fans(shape, stack, axes)
     order = _order(shape, stack, axes)
+    fan_in, fan_out = fans(shape, stack, axes)
     layers = math.prod(shape[:stack])
     moved = x if order == list(range(len(shape))) else jnp.transpose(x, order)
     return moved.reshape(layers, fan_in, fan_out)
@@ -284,37 +284,47 @@ def _solve(m: jax.Array, options: Polar) -> jax.Array:
     return jnp.where(finite, newton_schulz(clean, options), jnp.nan)
 
 
-@functools.cache
-def _kernel(options: Polar) -> Callable[[jax.Array], jax.Array]:
-    """One stable function per options (it keys the sharding cache)."""
-
-    def solve(m: jax.Array) -> jax.Array:
-        return _solve(m, options)
-
-    return solve
-
-
 def polar_factor(m: jax.Array, options: Polar) -> jax.Array:
     """The polar factor of each matrix of a ``(L, r, c)`` batch.
 
     Computed in ``float32`` (``float64``/``complex128`` for 64-bit input),
     returned in that compute dtype. A matrix holding a NaN or an infinity
-    gives all NaN; a zero matrix gives zeros. Sharded (GSPMD), each matrix
-    is made whole on one device first (see ``_sharding.per_matrix``), so the
-    iterations need no collective and the result keeps ``m``'s sharding.
+    gives all NaN; a zero matrix gives zeros.
     """
     acc = accumulation_dtype(m.dtype)
     dtype = np.result_type(acc, np.complex64) if jnp.iscomplexobj(m) else acc
-    m = m.astype(dtype)
-    if not isinstance(options.ns_steps, int):  # traced: not a cache key
-        return _solve(m, options)
-    return per_matrix(_kernel(options), m)
+    return _solve(m.astype(dtype), options)
+
+
+def _leaf_polar(
+    x: jax.Array, stack: int, axes: tuple[int, ...], options: Polar
+) -> jax.Array:
+    shape = tuple(x.shape)
+    out = polar_factor(to_matrices(x, stack, axes), options)
+    return from_matrices(out, shape, stack, axes).astype(x.dtype)
+
+
+@functools.cache
+def _kernel(
+    options: Polar, stack: int, axes: tuple[int, ...]
+) -> Callable[[jax.Array], jax.Array]:
+    """One stable function per layout and options (it keys the sharding cache)."""
+
+    def solve(x: jax.Array) -> jax.Array:
+        return _leaf_polar(x, stack, axes, options)
+
+    return solve
 
 
 def orthogonalize_leaf(
     x: jax.Array, stack: int, axes: tuple[int, ...], options: Polar
 ) -> jax.Array:
-    """The polar factor of each matrix of a leaf, in the leaf's shape and dtype."""
-    shape = tuple(x.shape)
-    out = polar_factor(to_matrices(x, stack, axes), options)
-    return from_matrices(out, shape, stack, axes).astype(x.dtype)
+    """The polar factor of each matrix of a leaf, in the leaf's shape and dtype.
+
+    Sharded (GSPMD), each layer is made whole on one device first (see
+    ``_sharding.per_layer``), so the iterations need no collective and the
+    result keeps ``x``'s sharding.
+    """
+    if not isinstance(options.ns_steps, int):  # traced: not a cache key
+        return _leaf_polar(x, stack, axes, options)
+    return per_layer(_kernel(options, stack, tuple(axes)), x, stack)

@@ -55,7 +55,7 @@ __all__ = [
     "Role",
     "check_axis_name",
     "combine_across",
-    "per_matrix",
+    "per_layer",
     "reduce_layers",
     "reduce_to_scalar",
 ]
@@ -508,10 +508,10 @@ def reduce_layers(
 
 
 # ---------------------------------------------------------------------------
-# Per-matrix maths on a sharded batch of matrices (norm geometry).
+# Per-layer maths on sharded leaves (norm geometry).
 # ---------------------------------------------------------------------------
 
-MatrixFn = Callable[[jax.Array], jax.Array]
+LayerFn = Callable[[jax.Array], jax.Array]
 
 
 def _names(entry: Any) -> tuple[str, ...]:
@@ -520,70 +520,74 @@ def _names(entry: Any) -> tuple[str, ...]:
     return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
-def _batch_spec(spec: PartitionSpec) -> tuple[tuple[str, ...], ...]:
-    """The mesh axes of each of the three axes of a ``(L, r, c)`` batch."""
-    entries = (*spec, *([None] * (3 - len(spec))))
-    return tuple(_names(e) for e in entries)
-
-
-def _local_matrix_fn(
-    fn: MatrixFn,
-    axes: tuple[tuple[str, ...], ...],
+def _local_layer_fn(
+    fn: LayerFn,
+    spec: tuple[tuple[str, ...], ...],
     sizes: dict[str, int],
-    layers: int,
-) -> MatrixFn:
-    """The per-device code of ``fn`` on a ``(L, r, c)`` batch sharded by ``axes``.
+    shape: tuple[int, ...],
+    stack: int,
+) -> LayerFn:
+    """The per-device code of ``fn`` on a leaf sharded by ``spec`` (mesh axes
+    per leaf axis); ``fn`` maps each layer (index of the ``stack`` first axes)
+    on its own, so only the other axes must be whole on a device:
 
-    ``fn`` treats each matrix on its own, so only the matrix axes matter:
-
-    * none sharded: ``fn`` on the local layers, no collective;
-    * one sharded, over mesh axes whose size divides the local layer count:
-      one all-to-all moves the sharding onto the layer axis, ``fn`` runs on
-      whole matrices, one all-to-all moves it back;
-    * otherwise each sharded matrix axis is all-gathered once, ``fn`` runs on
-      the whole local layers, and each device keeps its own block (a slice).
+    * none of them sharded: ``fn`` on the local layers, no collective;
+    * one sharded, over mesh axes whose size divides the local size of a
+      stack axis: one all-to-all moves the sharding onto that stack axis,
+      ``fn`` runs on whole layers, one all-to-all moves it back;
+    * otherwise each sharded layer axis is all-gathered once, ``fn`` runs on
+      whole layers, and each device keeps its own block (a slice).
     """
-    batch, rows, cols = axes
-    moved = rows + cols
-    if not moved:
+    sharded = [a for a in range(stack, len(shape)) if spec[a]]
+    if not sharded:
         return fn
 
     def size(names: tuple[str, ...]) -> int:
         return int(np.prod([sizes[n] for n in names], dtype=np.int64))
 
-    local_layers = layers // size(batch)
-    if not (rows and cols) and local_layers % size(moved) == 0:
-        dim = 1 if rows else 2
+    if len(sharded) == 1:
+        axis = sharded[0]
+        moved = spec[axis]
+        for target in range(stack):
+            if (shape[target] // size(spec[target])) % size(moved) == 0:
 
-        def swapped(m: jax.Array) -> jax.Array:
-            whole = jax.lax.all_to_all(m, moved, 0, dim, tiled=True)
-            return jax.lax.all_to_all(fn(whole), moved, dim, 0, tiled=True)
+                def swapped(x: jax.Array, target: int = target) -> jax.Array:
+                    whole = jax.lax.all_to_all(x, moved, target, axis, tiled=True)
+                    out = fn(whole)
+                    return jax.lax.all_to_all(out, moved, axis, target, tiled=True)
 
-        return swapped
+                return swapped
 
-    def gathered(m: jax.Array) -> jax.Array:
-        whole = m
-        for dim, names in ((1, rows), (2, cols)):
-            if names:
-                whole = jax.lax.all_gather(whole, names, axis=dim, tiled=True)
+    def gathered(x: jax.Array) -> jax.Array:
+        whole = x
+        for axis in sharded:
+            whole = jax.lax.all_gather(whole, spec[axis], axis=axis, tiled=True)
         out = fn(whole)
-        for dim, names in ((1, rows), (2, cols)):
-            if names:
-                block = m.shape[dim]
-                start = jax.lax.axis_index(names) * block
-                out = jax.lax.dynamic_slice_in_dim(out, start, block, axis=dim)
+        for axis in sharded:
+            block = x.shape[axis]
+            start = jax.lax.axis_index(spec[axis]) * block
+            out = jax.lax.dynamic_slice_in_dim(out, start, block, axis=axis)
         return out
 
     return gathered
 
 
-def _plain_axes(sharding: NamedSharding) -> bool:
-    spec = sharding.spec
-    return not (spec.unreduced or spec.reduced) and len(spec) <= 3
+def _leaf_spec(sharding: NamedSharding, ndim: int) -> tuple[tuple[str, ...], ...]:
+    spec = (*sharding.spec, *([None] * (ndim - len(sharding.spec))))
+    return tuple(_names(e) for e in spec)
+
+
+def _plain(sharding: Any, ndim: int) -> bool:
+    return (
+        isinstance(sharding, NamedSharding)
+        and not sharding.mesh.empty
+        and not (sharding.spec.unreduced or sharding.spec.reduced)
+        and len(sharding.spec) <= ndim
+    )
 
 
 @functools.cache
-def _partitioned(fn: MatrixFn) -> MatrixFn:
+def _partitioned(fn: LayerFn, stack: int, ndim: int) -> LayerFn:
     """``fn`` as a ``custom_partitioning`` op: its partitioning sees the shardings."""
     from jax.experimental.custom_partitioning import custom_partitioning
 
@@ -593,26 +597,41 @@ def _partitioned(fn: MatrixFn) -> MatrixFn:
         del result_shape
         (arg,) = arg_shapes
         sharding = arg.sharding
-        if not isinstance(sharding, NamedSharding) or not _plain_axes(sharding):
+        if not _plain(sharding, ndim):
             sharding = NamedSharding(mesh, PartitionSpec())
-        axes = _batch_spec(sharding.spec)
-        sizes = dict(mesh.shape)
-        lower = _local_matrix_fn(fn, axes, sizes, arg.shape[0])
+        spec = _leaf_spec(sharding, ndim)
+        lower = _local_layer_fn(fn, spec, dict(mesh.shape), tuple(arg.shape), stack)
         return mesh, lower, sharding, (sharding,)
 
     def infer(mesh: Any, arg_shapes: Any, result_shape: Any) -> Any:
         del mesh, result_shape
         return arg_shapes[0].sharding
 
+    letters = " ".join(f"a{i}" for i in range(ndim))
     op.def_partition(
         partition=partition,
         infer_sharding_from_operands=infer,
-        sharding_rule="l i j -> l i j",
+        sharding_rule=f"{letters} -> {letters}",
     )
+    # custom_partitioning has no batching rule: a vmapped batch joins the
+    # first stack axis (or becomes one), each layer still mapped alone.
+    batchable = jax.custom_batching.custom_vmap(op)
+
+    @batchable.def_vmap
+    def _batched(
+        axis_size: int, in_batched: list[Any], x: jax.Array
+    ) -> tuple[jax.Array, bool]:
+        (batched,) = in_batched
+        if not batched:
+            return batchable(x), False
+        if stack == 0:
+            return jax.vmap(fn)(x), True
+        merged = x.reshape(axis_size * x.shape[1], *x.shape[2:])
+        return batchable(merged).reshape(x.shape), True
 
     @jax.custom_jvp
-    def apply(m: jax.Array) -> jax.Array:
-        return op(m)
+    def apply(x: jax.Array) -> jax.Array:
+        return batchable(x)
 
     @apply.defjvp
     def apply_jvp(
@@ -623,41 +642,36 @@ def _partitioned(fn: MatrixFn) -> MatrixFn:
     return apply
 
 
-def per_matrix(fn: MatrixFn, m: jax.Array) -> jax.Array:
-    """``fn(m)`` for a ``(L, r, c)`` batch and a ``fn`` that maps each matrix alone.
+def per_layer(fn: LayerFn, x: jax.Array, stack: int) -> jax.Array:
+    """``fn(x)`` for a ``fn`` that maps each layer (stack index) of ``x`` alone.
 
-    Unsharded, ``fn(m)``. Under GSPMD with ``m`` on a mesh (known at trace
-    time for ``Explicit`` axes, at partitioning time for ``Auto`` ones, through
-    ``custom_partitioning``), ``fn`` runs on whole matrices and the result
-    keeps ``m``'s sharding: a sharded layer axis needs no collective; one
-    sharded matrix axis is moved onto the layer axis and back with two
-    all-to-alls when its mesh size divides the local layer count; otherwise
-    each sharded matrix axis is gathered once (nothing inside ``fn``).
-    ``fn`` must be hashable and stable (it keys a cache).
+    Unsharded, ``fn(x)``. Under GSPMD with ``x`` on a mesh (its sharding is
+    known at trace time for ``Explicit`` axes, at partitioning time for
+    ``Auto`` ones, through ``custom_partitioning``), ``fn`` runs on whole
+    layers and the result keeps ``x``'s sharding: a sharded stack axis needs
+    no collective; one sharded layer axis is moved onto a stack axis and back
+    with two all-to-alls when its mesh size divides that stack axis's local
+    size; otherwise each sharded layer axis is gathered once (nothing inside
+    ``fn``). ``fn`` must be hashable and stable (it keys a cache).
     """
-    sharding = getattr(jax.typeof(m), "sharding", None)
-    if (
-        m.ndim != 3
-        or not isinstance(sharding, NamedSharding)
-        or sharding.mesh.empty
-        or not _plain_axes(sharding)
-    ):
-        return fn(m)
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if not _plain(sharding, x.ndim):
+        return fn(x)
+    assert isinstance(sharding, NamedSharding)
     types = set(sharding.mesh.axis_types)
     if types == {AxisType.Explicit}:
-        axes = _batch_spec(sharding.spec)
-        if not axes[1] + axes[2]:
-            return fn(m)
-        lower = _local_matrix_fn(fn, axes, dict(sharding.mesh.shape), m.shape[0])
-        used = frozenset(a for names in axes for a in names)
+        spec = _leaf_spec(sharding, x.ndim)
+        if not any(spec[stack:]):
+            return fn(x)
+        lower = _local_layer_fn(fn, spec, dict(sharding.mesh.shape), x.shape, stack)
         mapped = jax.shard_map(
             lower,
             mesh=sharding.mesh,
             in_specs=sharding.spec,
             out_specs=sharding.spec,
-            axis_names=used,
+            axis_names=frozenset(a for names in spec for a in names),
         )
-        return mapped(m)
+        return mapped(x)
     if AxisType.Manual in types:
-        return fn(m)
-    return _partitioned(fn)(m)
+        return fn(x)
+    return _partitioned(fn, stack, x.ndim)(x)

@@ -464,3 +464,16 @@ def test_property_polar_factor_is_idempotent(u: np.ndarray) -> None:
         once = nox.orthogonalize(jnp.asarray(u), method="svd")
         twice = nox.orthogonalize(once, method="svd")
     np.testing.assert_allclose(twice, once, atol=1e-9)
+
+
+def test_traced_ns_steps_runs_that_many_steps() -> None:
+    x = jnp.asarray(gaussian((6, 4), seed=15), jnp.float32)
+    traced = jax.jit(lambda n: nox.orthogonalize(x, ns_steps=n))(3)
+    np.testing.assert_allclose(traced, nox.orthogonalize(x, ns_steps=3), atol=1e-6)
+    tx = optax.inject_hyperparams(nox.scale_by_lmo)(radius=1.0)
+    state = tx.init({"w": x})
+    assert "ns_steps" in state.hyperparams  # injected: it arrives traced
+    out, _ = jax.jit(tx.update)({"w": x}, state)
+    np.testing.assert_allclose(
+        out["w"], apply(nox.scale_by_lmo(), {"w": x})["w"], atol=1e-6
+    )

@@ -1032,6 +1032,8 @@ GEOMETRY_CASES: dict[str, tuple[str, tuple[int, ...], int, P]] = {
     "unstacked_rows": ("fsdp", (32, 16), 0, P("fsdp", None)),
     "unstacked_cols": ("fsdp", (32, 16), 0, P(None, "fsdp")),
     "two_matrix_axes": ("2d", (8, 32, 16), 1, P(None, "data", "model")),
+    # A conv kernel (H, W, I, O) is the matrix (H*W*I, O): I sharded.
+    "unstacked_conv_fan_in": ("fsdp", (3, 3, 8, 16), 0, P(None, None, "fsdp", None)),
 }
 # Explicit axes run the layouts whose collectives differ (fewer compilations).
 GEOMETRY_EXPLICIT = frozenset({"stack_fsdp_rows", "stack_2d", "unstacked_cols"})
@@ -1085,7 +1087,7 @@ def geometry_results() -> dict[str, Any]:
         x = jnp.asarray(rng.normal(size=(8, 32, 16)), jnp.float32)
         sx = jax.device_put(x, NamedSharding(mesh, spec))
         exe: Any = (
-            jax.jit(lambda m: _polar._solve(m, options), in_shardings=sx.sharding)
+            jax.jit(lambda m: _polar.polar_factor(m, options), in_shardings=sx.sharding)
             .lower(sx)
             .compile()
         )
