@@ -101,7 +101,7 @@ def select(cond: jax.Array, a: Any, b: Any) -> jax.Array:
     (Without ``jnp.where``'s promotion and its nested call per use: fewer
     ops to trace and compile per leaf.) Scalars are broadcast.
     """
-    a, b = jnp.asarray(a), jnp.asarray(b)
+    cond, a, b = jnp.asarray(cond), jnp.asarray(a), jnp.asarray(b)
     dtype = a.dtype if a.ndim or not b.ndim else b.dtype
     shape = jnp.broadcast_shapes(cond.shape, a.shape, b.shape)
     a = jnp.broadcast_to(a.astype(dtype), shape)
