@@ -99,14 +99,15 @@ def select(cond: jax.Array, a: Any, b: Any) -> jax.Array:
     """``jnp.where(cond, a, b)`` for ``a``, ``b`` of one dtype: one ``select`` op.
 
     (Without ``jnp.where``'s promotion and its nested call per use: fewer
-    ops to trace and compile per leaf.) Scalars are broadcast.
+    ops to trace and compile per leaf.) Operands of other shapes go through
+    ``jnp.where``, which broadcasts them with their shardings.
     """
-    a, b = jnp.asarray(a), jnp.asarray(b)
-    dtype = a.dtype if a.ndim or not b.ndim else b.dtype
-    shape = jnp.broadcast_shapes(cond.shape, a.shape, b.shape)
-    a = jnp.broadcast_to(a.astype(dtype), shape)
-    b = jnp.broadcast_to(b.astype(dtype), shape)
-    return jax.lax.select(jnp.broadcast_to(cond, shape), a, b)
+    cond, a, b = jnp.asarray(cond), jnp.asarray(a), jnp.asarray(b)
+    if not cond.shape == a.shape == b.shape or a.dtype != b.dtype:
+        # jnp.where broadcasts with the operands' shardings.
+        dtype = a.dtype if a.ndim or not b.ndim else b.dtype
+        return jnp.where(cond, a.astype(dtype), b.astype(dtype))
+    return jax.lax.select(cond, a, b)
 
 
 def safe_ratio(num: jax.Array, den: jax.Array, at_zero: Any) -> jax.Array:

@@ -381,12 +381,21 @@ def _bound_checks() -> dict[str, Any]:
 
 
 BOUND_CHECKS = _bound_checks()
+_DEFAULT_PAIRS = [
+    (jnp.float32, jnp.bfloat16),
+    (jnp.bfloat16, jnp.bfloat16),
+    (jnp.float16, jnp.float16),
+]
 
 
 @pytest.mark.standard_promotion  # optax.apply_updates promotes mixed dtypes
 @pytest.mark.parametrize(
     ("p_dtype", "u_dtype"),
-    DTYPE_PAIRS,
+    [
+        # Three pairs in the default run, the others in the slow step.
+        pytest.param(p, u, marks=() if (p, u) in _DEFAULT_PAIRS else pytest.mark.slow)
+        for p, u in DTYPE_PAIRS
+    ],
     ids=[f"{p.__name__}-{u.__name__}" for p, u in DTYPE_PAIRS],
 )
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in BOUND_CHECKS], ids=str)

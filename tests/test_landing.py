@@ -88,7 +88,7 @@ def test_float16_unit_far_outside_is_not_zeroed() -> None:
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=str)
-@pytest.mark.parametrize("over", [64, 1000])
+@pytest.mark.parametrize("over", [64, pytest.param(1000, marks=pytest.mark.slow)])
 def test_large_moves_land_near_the_bound(dtype: Any, over: int) -> None:
     """A ``(4096, 8)`` kernel whose units are ~``over`` times their bound."""
     eps = EPS[jnp.dtype(dtype)]
