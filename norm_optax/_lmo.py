@@ -265,7 +265,7 @@ def scale_by_lmo(
             name = norms[leaf.path]
             if name is None:
                 return u
-            matrix = _polar.is_matrix(leaf.shape, leaf.stack)
+            matrix = _layout.is_matrix(leaf.path, leaf.shape, leaf.stack)
             if name == "auto":
                 name = "spectral" if matrix else "rms"
             if name == "spectral" and not matrix:

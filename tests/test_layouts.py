@@ -1271,3 +1271,17 @@ def test_bad_stack_axes_raise_at_construction(
         _needs(next(op for op in OPS if op.name == name))
     with pytest.raises(error, match=match):
         CONSTRUCT[name](bad)
+
+
+def test_norm_geometry_reads_an_equinox_conv_bias_as_its_flax_twin() -> None:
+    # scale_by_lmo's norm="auto" and orthogonalize ask what a matrix is too.
+    bias = jax.random.normal(jax.random.key(4), (4,), jnp.float32)
+    eqx_bias = {"conv": {"bias": bias.reshape(4, 1, 1)}}
+    flax_bias = {"conv": {"bias": bias}}
+    tx = nox.scale_by_lmo(axis="out_first")
+    got = tx.update(eqx_bias, tx.init(eqx_bias))[0]["conv"]["bias"]
+    want = nox.scale_by_lmo().update(flax_bias, optax.EmptyState())[0]["conv"]["bias"]
+    np.testing.assert_allclose(got.reshape(4), want, rtol=1e-6)
+    for tree in (eqx_bias, flax_bias):
+        with pytest.raises(ValueError, match=r"orthogonalize needs a matrix"):
+            nox.orthogonalize(tree)
