@@ -120,7 +120,10 @@ def scale_by_lmo(
     convention (the last axis for ``axis=None``). A leaf with at least two
     non-stack axes is a *matrix* ``(fan_in, fan_out)`` (``fan_out`` its
     units, ``fan_in`` the product of the other non-stack axes), as in
-    :func:`orthogonalize`.
+    :func:`orthogonalize`; a bias stored with size-1 broadcast axes
+    (Equinox's conv bias ``(out, 1, 1)``: a leaf named ``bias`` whose axes
+    after the first all have size 1) is the vector it broadcasts, as its
+    Flax twin ``(out,)`` is.
 
     ``k`` (``dims_scale``) multiplies the direction of every norm on matrix
     leaves and is 1 on the others: ``None`` gives 1; ``"muon"`` gives
