@@ -212,7 +212,7 @@ def scale_by_lmo(
         raise ValueError(
             f"dims_scale must be None, 'muon', 'spectral' or 'rms', got {dims_scale!r}."
         )
-    _layout.check_axis(axis)
+    _layout.check_specs(mask=mask, axis=axis, stack_axes=stack_axes)
     polar = _polar.polar_options(method, ns_steps, ns_coeffs)
     one_radius = _is_radius_value(radius)
     if one_radius:

@@ -1246,12 +1246,29 @@ CONSTRUCT: dict[str, Callable[[Any], Any]] = {
     "prox_group_l1": lambda s: nox.prox_group_l1(1.0, 0.5, stack_axes=s),
     "clip_spectral_norm": lambda s: _spectral(stack_axes=s),
     "matrices_only": lambda s: nox.masks.matrices_only(stack_axes=s),
+    "scale_by_lmo": lambda s: nox.scale_by_lmo(stack_axes=s),
+    "muon": lambda s: nox.muon(0.1, stack_axes=s),
+    "scion": lambda s: nox.scion(0.1, stack_axes=s),
+    "record_layer_norms": lambda s: nox.record_layer_norms(
+        optax.sgd(0.1), stack_axes=s
+    ),
 }
 """Every public constructor with ``stack_axes`` (the norms compute at once)."""
 
 
 def test_every_constructor_with_stack_axes_is_checked() -> None:
-    assert set(CONSTRUCT) == set(OP_NAMES) - {"leaf_norms", "unit_norms"}
+    public = [(nox, n) for n in nox.__all__] + [
+        (nox.masks, n) for n in nox.masks.__all__
+    ]
+    stack_aware = {
+        name
+        for module, name in public
+        if callable(obj := getattr(module, name))
+        and not isinstance(obj, type)
+        and "stack_axes" in inspect.signature(obj).parameters
+    }
+    computations = {"leaf_norms", "unit_norms", "orthogonalize"}  # raise when called
+    assert set(CONSTRUCT) == stack_aware - computations
 
 
 @pytest.mark.parametrize(
