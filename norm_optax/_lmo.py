@@ -120,7 +120,10 @@ def scale_by_lmo(
     convention (the last axis for ``axis=None``). A leaf with at least two
     non-stack axes is a *matrix* ``(fan_in, fan_out)`` (``fan_out`` its
     units, ``fan_in`` the product of the other non-stack axes), as in
-    :func:`orthogonalize`.
+    :func:`orthogonalize`; a bias stored with size-1 broadcast axes
+    (Equinox's conv bias ``(out, 1, 1)``: a leaf named ``bias`` whose axes
+    after the first all have size 1) is the vector it broadcasts, as its
+    Flax twin ``(out,)`` is.
 
     ``k`` (``dims_scale``) multiplies the direction of every norm on matrix
     leaves and is 1 on the others: ``None`` gives 1; ``"muon"`` gives
@@ -209,7 +212,7 @@ def scale_by_lmo(
         raise ValueError(
             f"dims_scale must be None, 'muon', 'spectral' or 'rms', got {dims_scale!r}."
         )
-    _layout.check_axis(axis)
+    _layout.check_specs(mask=mask, axis=axis, stack_axes=stack_axes)
     polar = _polar.polar_options(method, ns_steps, ns_coeffs)
     one_radius = _is_radius_value(radius)
     if one_radius:
@@ -265,7 +268,7 @@ def scale_by_lmo(
             name = norms[leaf.path]
             if name is None:
                 return u
-            matrix = _polar.is_matrix(leaf.shape, leaf.stack)
+            matrix = _layout.is_matrix(leaf.path, leaf.shape, leaf.stack)
             if name == "auto":
                 name = "spectral" if matrix else "rms"
             if name == "spectral" and not matrix:

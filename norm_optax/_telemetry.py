@@ -175,6 +175,7 @@ def record_layer_norms(
             f"inner must be an optax.GradientTransformation, got {inner!r} "
             f"(of type {type(inner).__name__})."
         )
+    _layout.check_specs(stack_axes=stack_axes)
     inner = optax.with_extra_args_support(inner)
 
     def zeros_like_layers(tree: optax.Params, fill: float) -> optax.Updates:

@@ -372,7 +372,7 @@ def orthogonalize(
         x = _types.as_array(leaf)
         where = _layout.path_str(path)
         count = _layout.stack_count(s, where, x.shape)
-        if not _polar.is_matrix(x.shape, count):
+        if not _layout.is_matrix(where, x.shape, count):
             raise ValueError(
                 _polar.matrix_error(where, x.shape, count, "orthogonalize")
             )

@@ -1246,12 +1246,29 @@ CONSTRUCT: dict[str, Callable[[Any], Any]] = {
     "prox_group_l1": lambda s: nox.prox_group_l1(1.0, 0.5, stack_axes=s),
     "clip_spectral_norm": lambda s: _spectral(stack_axes=s),
     "matrices_only": lambda s: nox.masks.matrices_only(stack_axes=s),
+    "scale_by_lmo": lambda s: nox.scale_by_lmo(stack_axes=s),
+    "muon": lambda s: nox.muon(0.1, stack_axes=s),
+    "scion": lambda s: nox.scion(0.1, stack_axes=s),
+    "record_layer_norms": lambda s: nox.record_layer_norms(
+        optax.sgd(0.1), stack_axes=s
+    ),
 }
 """Every public constructor with ``stack_axes`` (the norms compute at once)."""
 
 
 def test_every_constructor_with_stack_axes_is_checked() -> None:
-    assert set(CONSTRUCT) == set(OP_NAMES) - {"leaf_norms", "unit_norms"}
+    public = [(nox, n) for n in nox.__all__] + [
+        (nox.masks, n) for n in nox.masks.__all__
+    ]
+    stack_aware = {
+        name
+        for module, name in public
+        if callable(obj := getattr(module, name))
+        and not isinstance(obj, type)
+        and "stack_axes" in inspect.signature(obj).parameters
+    }
+    computations = {"leaf_norms", "unit_norms", "orthogonalize"}  # raise when called
+    assert set(CONSTRUCT) == stack_aware - computations
 
 
 @pytest.mark.parametrize(
@@ -1271,3 +1288,17 @@ def test_bad_stack_axes_raise_at_construction(
         _needs(next(op for op in OPS if op.name == name))
     with pytest.raises(error, match=match):
         CONSTRUCT[name](bad)
+
+
+def test_norm_geometry_reads_an_equinox_conv_bias_as_its_flax_twin() -> None:
+    # scale_by_lmo's norm="auto" and orthogonalize ask what a matrix is too.
+    bias = jax.random.normal(jax.random.key(4), (4,), jnp.float32)
+    eqx_bias = {"conv": {"bias": bias.reshape(4, 1, 1)}}
+    flax_bias = {"conv": {"bias": bias}}
+    tx = nox.scale_by_lmo(axis="out_first")
+    got = tx.update(eqx_bias, tx.init(eqx_bias))[0]["conv"]["bias"]
+    want = nox.scale_by_lmo().update(flax_bias, optax.EmptyState())[0]["conv"]["bias"]
+    np.testing.assert_allclose(got.reshape(4), want, rtol=1e-6)
+    for tree in (eqx_bias, flax_bias):
+        with pytest.raises(ValueError, match=r"orthogonalize needs a matrix"):
+            nox.orthogonalize(tree)
