@@ -127,7 +127,11 @@ def record_layer_norms(
       wider). Under ``jax.jit`` with leaves sharded on a mesh with
       ``Explicit`` axes, they are combined with a single all-reduce of a
       vector with one entry per layer, however many leaves there are; no
-      leaf is gathered. The state is small and replicated.
+      leaf is gathered. The state is small and replicated. On XLA:CPU, in
+      a jitted step that donates the params and the optimizer state, XLA
+      copies every donated param before reading it for the norms, which
+      makes such a step several times slower (as the output norm of
+      :func:`record_norms` does); record every ``n`` steps there.
 
     Wrap the whole optimizer to see the raw gradient (``input_norms``) and
     the step actually taken (``output_norms``, ``update_ratios``):
