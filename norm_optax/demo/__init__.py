@@ -7,7 +7,7 @@ digits with L2/L1 decay, the L1 and group-lasso proximal steps and weight
 constraints (per unit, per element, spectral). Each part prints a table and
 writes a PNG to ``--out``. Needs the ``examples`` extra::
 
-    pip install "norm-optax[examples]"
+    pip install ".[examples]"            # in a clone (not on PyPI yet)
     python -m norm_optax.demo            # full run, about two minutes on 2 CPU cores
     python -m norm_optax.demo --quick    # a much smaller run, about a minute
 """
