@@ -137,7 +137,7 @@ def test_the_cell_is_valid_ipython() -> None:
 # Runs the whole cell in IPython (in a subprocess: a shell changes global
 # state) with norm_optax not importable and a %pip that records its line.
 _RUN_IN_IPYTHON = """
-import importlib.util, json, pathlib, sys
+import importlib.util, json, sys
 from IPython.core.interactiveshell import InteractiveShell
 
 spec = importlib.util.spec_from_file_location("build", sys.argv[1])
