@@ -3,9 +3,14 @@ a runtime has (a Colab TPU runtime's jaxlib must not be replaced)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import json
+import os
 import pathlib
 import re
+import subprocess
+import sys
 import tomllib
 from types import ModuleType
 from typing import Any
@@ -127,3 +132,44 @@ def test_the_cell_is_valid_ipython() -> None:
     python = transform.TransformerManager().transform_cell(BUILD.INSTALL)
     assert "run_line_magic('pip', 'install -q {args}')" in python
     compile(python, "install cell", "exec")
+
+
+# Runs the whole cell in IPython (in a subprocess: a shell changes global
+# state) with norm_optax not importable and a %pip that records its line.
+_RUN_IN_IPYTHON = """
+import importlib.util, json, sys
+from IPython.core.interactiveshell import InteractiveShell
+
+spec = importlib.util.spec_from_file_location("build", sys.argv[1])
+build = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(build)
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: (
+    None if name == "norm_optax" else find_spec(name, *a)
+)
+shell = InteractiveShell(history_length=0)
+lines = []
+shell.register_magic_function(lines.append, "line", "pip")
+result = shell.run_cell(build.INSTALL)
+print(json.dumps({"success": result.success, "lines": lines}))
+"""
+
+
+def test_the_cell_pins_the_running_jax_in_ipython(
+    cell: dict[str, Any], tmp_path: pathlib.Path
+) -> None:
+    pytest.importorskip("IPython")
+    out = subprocess.run(
+        [sys.executable, "-c", _RUN_IN_IPYTHON, str(BUILD.__file__)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "IPYTHONDIR": str(tmp_path)},
+        check=True,
+        timeout=120,
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["success"]
+    jax, jaxlib = (importlib.metadata.version(d) for d in ("jax", "jaxlib"))
+    assert result["lines"] == [
+        f"install -q '{cell['PACKAGE']}' jax=={jax} jaxlib=={jaxlib}"
+    ]

@@ -13,7 +13,7 @@ of a 12-layer stacked residual MLP with
 Each part prints a table and writes a PNG to ``--out``. Needs the
 ``examples`` extra::
 
-    pip install "norm-optax[examples]"
+    pip install ".[examples]"            # in a clone (not on PyPI yet)
     python -m norm_optax.demo            # full run, about two minutes on 2 CPU cores
     python -m norm_optax.demo --quick    # a much smaller run, about a minute
 """

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import importlib
 
-INSTALL_HINT = 'pip install "norm-optax[examples]"'
+from norm_optax import __version__
+
+# norm-optax is not on PyPI yet: the release's git tag (in a clone of the
+# repository, `pip install ".[examples]"` does the same).
+INSTALL_HINT = (
+    'pip install "norm-optax[examples] @ '
+    f'git+https://github.com/norm-optax/norm_optax@v{__version__}"'
+)
 
 # import name -> distribution name
 EXTRAS = {"flax": "flax", "matplotlib": "matplotlib", "sklearn": "scikit-learn"}
