@@ -54,7 +54,7 @@ from norm_optax.norms import leaf_norms as leaf_norms
 from norm_optax.norms import orthogonalize as orthogonalize
 from norm_optax.norms import unit_norms as unit_norms
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AutoClipState",
