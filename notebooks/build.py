@@ -1084,8 +1084,6 @@ import os
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
-import numpy as np
-import optax
 from IPython.display import Markdown, display
 
 import norm_optax as nox
@@ -1113,16 +1111,21 @@ axes after the stack axis.""",
     (
         "code",
         """\
-stacked = {"kernel": jnp.ones((4, 32, 32)), "bias": jnp.ones((4, 32)),
-           "scale": jnp.ones((4, 32))}
+stacked = {
+    "kernel": jnp.ones((4, 32, 32)),
+    "bias": jnp.ones((4, 32)),
+    "scale": jnp.ones((4, 32)),
+}
 optax_rule = jax.tree.map(lambda x: "muon" if x.ndim == 2 else "adam", stacked)
 ours = jax.tree.map(
     lambda m: "muon" if m else "adam",
     nox.masks.matrices_only(stacked, stack_axes=1),
 )
 for name in stacked:
-    print(f"{name:6s} {stacked[name].shape!s:13s} optax.contrib.muon: "
-          f"{optax_rule[name]:4s}  nox.muon(stack_axes=1): {ours[name]}")""",
+    print(
+        f"{name:6s} {stacked[name].shape!s:13s} optax.contrib.muon: "
+        f"{optax_rule[name]:4s}  nox.muon(stack_axes=1): {ours[name]}"
+    )""",
     ),
     (
         "code",

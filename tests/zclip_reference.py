@@ -39,7 +39,7 @@ def _torch_clip_grad_norm_coef(total_norm: float, max_norm: float) -> float:
     total = np.float32(total_norm)
     clip_coef = np.float32(max_norm) / (total + np.float32(1e-6))
     # torch.clamp(clip_coef, max=1.0): NaN propagates.
-    clip_coef_clamped = clip_coef if np.isnan(clip_coef) else min(clip_coef, 1.0)
+    clip_coef_clamped = np.minimum(clip_coef, np.float32(1.0))  # NaN stays NaN
     return float(clip_coef_clamped)
 
 
