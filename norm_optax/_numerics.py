@@ -284,7 +284,7 @@ def _land_bound_same(p: jax.Array, x: jax.Array, t: jax.Array) -> jax.Array:
     new = p + v
     down = t < x
     wrong = jax.lax.select(down, new > t, new < t)
-    inf = jnp.full(v.shape, jnp.inf, v.dtype)
+    inf = jnp.full_like(v, jnp.inf)  # (with v's sharding)
     step = jax.lax.nextafter(v, jax.lax.select(down, -inf, inf))
     return jax.lax.select(wrong, step, v)
 
@@ -457,11 +457,10 @@ def _land_units(
         best, n_best = keep_best(v, n, best, n_best)
         return k + 1, f, v, n, best, n_best
 
-    unit_shape = tuple(1 if i in axes else d for i, d in enumerate(t.shape))
-    f0 = jnp.ones(unit_shape, wide)
-    v0 = landed(f0)
-    n0 = norm(v0)
-    best, n_best = keep_best(v0, n0, v0, jnp.full(unit_shape, jnp.inf, wide))
+    v0 = landed(jnp.ones((), wide))
+    n0 = norm(v0)  # one entry per unit, with the units' sharding
+    f0 = jnp.ones_like(n0)
+    best, n_best = keep_best(v0, n0, v0, jnp.full_like(n0, jnp.inf))
     state = (jnp.zeros((), jnp.int32), f0, v0, n0, best, n_best)
     _, f, _, _, best, n_best = jax.lax.while_loop(cond, body, state)
     fallback = _land_bound(p, u, x, jnp.where(same, t * f, t))
