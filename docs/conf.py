@@ -99,6 +99,8 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(optax|jax|jnp|lax|numpy|np|chex|flax|nnx|equinox|eqx)(\..*)?"),
     (r"py:.*", r"(typing|collections|re|math|functools)(\..*)?"),
+    # The optional plotting helpers' matplotlib types.
+    (r"py:.*", r"(matplotlib(\..*)?|Axes|AxesImage|Figure)"),
     (r"py:.*", r"(Any|Callable|NamedTuple|Sequence|int|float|bool|str|None)"),
     # The argument types' aliases: each Args section says what they accept.
     (r"py:.*", r"(norm_optax\._types\.)?(Axis|Mask|PyTree|Scalar|StackAxes|Schedule)"),

@@ -48,13 +48,13 @@ class RecordLayerNormsState(NamedTuple):
     inner_state: optax.OptState
     """The wrapped transform's state."""
     input_norms: optax.Updates
-    """Per layer: the L2 norm of the updates passed in."""
+    """The L2 norm of the updates passed in, per layer."""
     output_norms: optax.Updates
-    """Per layer: the L2 norm of the wrapped transform's output."""
+    """The L2 norm of the wrapped transform's output, per layer."""
     param_norms: optax.Updates
-    """Per layer: the L2 norm of ``params`` (NaN when ``update`` got none)."""
+    """The L2 norm of ``params``, per layer (NaN when ``update`` got none)."""
     update_ratios: optax.Updates
-    """Per layer: ``output_norms / param_norms`` (0 where both are 0, ``inf``
+    """The ratio ``output_norms / param_norms``, per layer (0 where both are 0, ``inf``
     where only the param norm is 0, NaN where either is NaN or the param norm
     is infinite)."""
     input_norm: jax.Array
