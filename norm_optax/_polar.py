@@ -42,7 +42,6 @@ __all__ = [
     "Polar",
     "fans",
     "from_matrices",
-    "is_matrix",
     "matrix_error",
     "newton_schulz",
     "orthogonalize_leaf",
@@ -163,11 +162,6 @@ def polar_options(method: Any, ns_steps: Any, ns_coeffs: Any) -> Polar:
 # ---------------------------------------------------------------------------
 # The matrix of a leaf.
 # ---------------------------------------------------------------------------
-
-
-def is_matrix(shape: tuple[int, ...], stack: int) -> bool:
-    """Whether a leaf has at least two non-stack axes."""
-    return len(shape) - stack >= 2
 
 
 def matrix_error(path: str, shape: tuple[int, ...], stack: int, what: str) -> str:
