@@ -27,7 +27,9 @@ and writes JSON; the tests here assert on it. Covered:
   sharded matrices (Auto and Explicit axes) gives the unsharded numbers,
   keeps the sharding, and compiles to two all-to-alls (a matrix axis
   sharded), none (the stack axis sharded) or one all-gather (unstacked);
-  the same Newton-Schulz left to GSPMD communicates in every iteration;
+  the same Newton-Schulz left to GSPMD communicates in every iteration
+  (with the sharded telemetry of API.md section 9, a second subprocess in
+  the slow step);
 * two processes joined by ``jax.distributed`` over gloo (4 devices each).
 """
 
@@ -84,14 +86,16 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-# Session scope: xdist's loadgroup keeps the module on one worker but may
-# interleave other modules' tests, which would tear a module fixture down and
-# run the subprocess twice.
-@pytest.fixture(scope="session")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("distributed") / "single_host.json"
+# The sections of the worker the default run checks; the norm-geometry and
+# telemetry ones (their own subprocess) run in the slow step.
+DEFAULT_SECTIONS = ("explicit", "auto", "axis_name", "stacked")
+SLOW_SECTIONS = ("telemetry", "geometry")
+
+
+def _run_worker(tmp: Path, sections: tuple[str, ...]) -> dict[str, Any]:
+    out = tmp / "single_host.json"
     proc = subprocess.run(
-        [sys.executable, str(HERE / "single_host.py"), str(out)],
+        [sys.executable, str(HERE / "single_host.py"), str(out), ",".join(sections)],
         env=_env(8),
         capture_output=True,
         text=True,
@@ -100,6 +104,23 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads(out.read_text())
+
+
+# Session scope: xdist's loadgroup keeps the module on one worker but may
+# interleave other modules' tests, which would tear a module fixture down and
+# run the subprocess twice.
+@pytest.fixture(scope="session")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _run_worker(tmp_path_factory.mktemp("distributed"), DEFAULT_SECTIONS)
+
+
+@pytest.fixture(scope="session")
+def slow_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _run_worker(tmp_path_factory.mktemp("distributed_slow"), SLOW_SECTIONS)
+
+
+def test_worker_sections_are_all_checked() -> None:
+    assert sorted(DEFAULT_SECTIONS + SLOW_SECTIONS) == sorted(single_host.SECTIONS)
 
 
 def _case(results: dict[str, Any], *path: str) -> dict[str, Any]:
@@ -284,11 +305,12 @@ def _geometry_params() -> list[Any]:
 GEOMETRY_ATOL = 2e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "name"), _geometry_params())
 def test_orthogonalize_sharded_matches_keeps_sharding_and_collectives(
-    results: dict[str, Any], mode: str, name: str
+    slow_results: dict[str, Any], mode: str, name: str
 ) -> None:
-    case = _case(results, "geometry", mode, name)
+    case = _case(slow_results, "geometry", mode, name)
     assert case["max_abs_err"] <= GEOMETRY_ATOL
     assert case["sharding"] == []
     moved = ("all_gather", "all_reduce", "all_to_all", "collective_permute")
@@ -305,19 +327,21 @@ def test_orthogonalize_sharded_matches_keeps_sharding_and_collectives(
         assert name == "two_matrix_axes"
 
 
+@pytest.mark.slow
 def test_naive_newton_schulz_communicates_in_every_iteration(
-    results: dict[str, Any],
+    slow_results: dict[str, Any],
 ) -> None:
     # What GSPMD does with the same maths when nothing moves the matrices:
     # collectives inside the iterations (the pitfall 8.4 fixes).
-    rows = _case(results, "geometry", "naive_rows")
-    cols = _case(results, "geometry", "naive_cols")
+    rows = _case(slow_results, "geometry", "naive_rows")
+    cols = _case(slow_results, "geometry", "naive_cols")
     assert rows["all_reduce"] >= 5
     assert cols["all_gather"] >= 10
 
 
-def test_scale_by_lmo_sharded_tree(results: dict[str, Any]) -> None:
-    case = _case(results, "geometry", "tree")
+@pytest.mark.slow
+def test_scale_by_lmo_sharded_tree(slow_results: dict[str, Any]) -> None:
+    case = _case(slow_results, "geometry", "tree")
     assert case["max_abs_err"] <= GEOMETRY_ATOL
     assert case["sharding"] == []
 
@@ -479,11 +503,12 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
 
 
 # API.md section 9: record_layer_norms sharded.
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["fsdp", "pipeline_2d"])
 def test_record_layer_norms_sharded_matches_and_gathers_nothing(
-    results: dict[str, Any], layout: str
+    slow_results: dict[str, Any], layout: str
 ) -> None:
-    case = _case(results, "telemetry", layout)
+    case = _case(slow_results, "telemetry", layout)
     assert case["rel_err"] <= 1.0  # allclose(rtol=1e-6, atol=1e-6)
     assert case["out_equal"]  # inner's sharded output, bit for bit
     assert case["sharding"] == []
@@ -496,11 +521,12 @@ def test_record_layer_norms_sharded_matches_and_gathers_nothing(
     assert case["all_reduce"] == 2
 
 
+@pytest.mark.slow
 def test_record_layer_norms_all_reduces_do_not_grow_with_leaves(
-    results: dict[str, Any],
+    slow_results: dict[str, Any],
 ) -> None:
-    stacked = _case(results, "telemetry", "stacked_gpt")
-    unstacked = _case(results, "telemetry", "unstacked_gpt")
+    stacked = _case(slow_results, "telemetry", "stacked_gpt")
+    unstacked = _case(slow_results, "telemetry", "unstacked_gpt")
     assert (stacked["leaves"], unstacked["leaves"]) == (16, 40)
     for case in (stacked, unstacked):
         assert case["all_reduce"] == 1, case

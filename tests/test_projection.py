@@ -175,18 +175,53 @@ def test_l1_ball_is_sparse_and_on_the_sphere(x64: None) -> None:
     assert sum(int(np.sum(x == 0)) for x in leaves) > 10  # exact zeros
 
 
-def test_inside_the_set_the_updates_pass_unchanged() -> None:
-    params = _tree(4, scale=0.01)
-    updates = _tree(5, scale=0.01)
-    for tx in (
-        nox.clip_weights(1.0),
-        nox.max_norm(1.0),
-        nox.min_max_norm(0.0, 1.0),
-        nox.project_l2_ball(10.0),
-        nox.project_l1_ball(100.0),
-        nox.project_linf_ball(1.0),
-    ):
-        out, _ = tx.update(updates, tx.init(params), params)
+INSIDE = (
+    lambda: nox.clip_weights(1.0),
+    lambda: nox.max_norm(1.0),
+    lambda: nox.min_max_norm(0.0, 1.0),
+    lambda: nox.project_l2_ball(10.0),
+    lambda: nox.project_l1_ball(100.0),
+    lambda: nox.project_linf_ball(1.0),
+    lambda: nox.non_negative(),
+)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_inside_the_set_the_new_params_are_those_of_the_updates(
+    dtype: Any, x64: None
+) -> None:
+    # float32/float64: the update is t - p corrected by one step of its grid,
+    # so fl(p + u') == fl(p + u) bit for bit, also where |u| > |p| with
+    # opposite signs (fl(x - p) is then inexact and the step is needed).
+    del x64
+    params = _tree(4, dtype, scale=0.01)
+    updates = _tree(5, dtype, scale=0.01)
+    if dtype == jnp.float32:  # every kind of sum: u >> p, u << p, cancelling
+        params["kernel"] = params["kernel"] * jnp.logspace(-4, 0, 6, dtype=dtype)[:, None]
+        updates["conv"] = -params["conv"] * 0.999 + updates["conv"] * 1e-4
+        # x = fl(p + u) = -2^-12 exactly, and fl(x - p) rounds on the coarser
+        # grid below it: fl(p + fl(x - p)) != x without the step.
+        params["bias"] = jnp.asarray([6.1464045e-5, 7.06211e-5, 1.2803313e-5], dtype)
+        updates["bias"] = jnp.asarray([-3.0560468e-4, -3.1476174e-4, -2.5694395e-4], dtype)
+    params["scalar"] = jnp.abs(params["scalar"])
+    updates["scalar"] = jnp.abs(updates["scalar"])  # (inside the orthant)
+    expected = optax.apply_updates(params, updates)
+    for make in INSIDE:
+        tx = make()
+        if make is INSIDE[-1]:  # non_negative: on the positive leaf only
+            tx = nox.non_negative(mask={k: k == "scalar" for k in params})
+        out, _ = jax.jit(tx.update)(updates, tx.init(params), params)
+        chex.assert_trees_all_equal(optax.apply_updates(params, out), expected)
+
+
+def test_inside_the_set_half_precision_updates_pass_unchanged() -> None:
+    # Where the update's dtype is not the params' accumulation dtype, the
+    # update itself is returned where the target is p + u.
+    params = _tree(4, jnp.bfloat16, scale=0.01)
+    updates = _tree(5, jnp.bfloat16, scale=0.01)
+    for make in (INSIDE[0], INSIDE[1], INSIDE[3]):
+        tx = make()
+        out, _ = jax.jit(tx.update)(updates, tx.init(params), params)
         chex.assert_trees_all_equal(out, updates)
 
 

@@ -1,9 +1,10 @@
 """Runs every 8-device check of ``tests/test_distributed.py`` in one process.
 
-Started by the test module as ``python single_host.py OUT.json`` with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8`` in its environment
-(set by the parent, so importing this module elsewhere is harmless). It
-writes one JSON object of measurements; the pytest functions assert on it.
+Started by the test module as ``python single_host.py OUT.json [SECTION,...]``
+with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` in its
+environment (set by the parent, so importing this module elsewhere is
+harmless). It writes one JSON object of measurements for the sections named
+(all of :data:`SECTIONS` by default); the pytest functions assert on it.
 Each case records its own exception text instead of stopping the run.
 """
 
@@ -1121,23 +1122,26 @@ def geometry_results() -> dict[str, Any]:
     return results
 
 
-def main(path: str) -> None:
+SECTIONS: dict[str, Callable[[], dict[str, Any]]] = {
+    "explicit": lambda: gspmd_results(jax.sharding.AxisType.Explicit),
+    "auto": lambda: gspmd_results(jax.sharding.AxisType.Auto),
+    "axis_name": axis_name_results,
+    "stacked": stacked_results,
+    "telemetry": telemetry_results,
+    "geometry": geometry_results,
+}
+
+
+def main(path: str, sections: list[str]) -> None:
     results: dict[str, Any] = {
         "devices": len(jax.devices()),
         "transforms": sorted(available()),
         "stacked_transforms": sorted(stacked_available()),
     }
     seconds = {}
-    for key, fn in [
-        ("explicit", lambda: gspmd_results(jax.sharding.AxisType.Explicit)),
-        ("auto", lambda: gspmd_results(jax.sharding.AxisType.Auto)),
-        ("axis_name", axis_name_results),
-        ("stacked", stacked_results),
-        ("telemetry", telemetry_results),
-        ("geometry", geometry_results),
-    ]:
+    for key in sections:
         start = time.perf_counter()
-        results[key] = run_case(fn)
+        results[key] = run_case(SECTIONS[key])
         seconds[key] = time.perf_counter() - start
     results["seconds"] = seconds
     with open(path, "w") as file:
@@ -1145,4 +1149,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2].split(",") if len(sys.argv) > 2 else [*SECTIONS])
