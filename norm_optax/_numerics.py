@@ -114,10 +114,11 @@ def select(cond: jax.Array, a: Any, b: Any) -> jax.Array:
 def safe_ratio(num: jax.Array, den: jax.Array, at_zero: Any) -> jax.Array:
     """``num / den``, ``at_zero`` where ``den == 0``, with a finite gradient there."""
     num, den = jnp.asarray(num), jnp.asarray(den)
-    if num.shape == den.shape and num.dtype == den.dtype:  # (the traced-per-leaf case)
-        positive = jax.lax.ne(den, np.zeros((), den.dtype))
-        ratio = jax.lax.div(num, jax.lax.select(positive, den, jax.lax.full_like(den, 1)))
-        return jax.lax.select(positive, ratio, jax.lax.full_like(ratio, at_zero))
+    lax = jax.lax
+    if num.shape == den.shape and num.dtype == den.dtype:  # (traced per leaf)
+        positive = lax.ne(den, np.zeros((), den.dtype))
+        ratio = lax.div(num, lax.select(positive, den, lax.full_like(den, 1)))
+        return lax.select(positive, ratio, lax.full_like(ratio, at_zero))
     positive = den != 0
     ratio = num / select(positive, den, jnp.ones((), den.dtype))
     return select(positive, ratio, jnp.asarray(at_zero).astype(ratio.dtype))
@@ -391,8 +392,8 @@ def land(
     computes, ``fl(p + u')``, is ``t`` or lies just past it in the direction
     the projection moved ``x`` (never across zero): bounds hold after the
     rounding, in every pair of dtypes. With ``"nearest"`` it is ``t - p``
-    rounded once to ``u``'s dtype (for equality constraints, no bias). A NaN target gives NaN. The derivative
-    is that of ``t - p``.
+    rounded once to ``u``'s dtype (for equality constraints, no bias). A NaN
+    target gives NaN. The derivative is that of ``t - p``.
     """
     return _LANDED[landing](p, u, x, t)
 

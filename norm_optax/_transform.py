@@ -301,8 +301,9 @@ class Target:
       tree per field (the params' structure, ``None`` at other leaves).
 
     ``keep`` marks where ``p + u`` is left alone (the new parameter is the
-    one ``u`` gives), as does a target equal to ``x``. A non-finite ``x`` (an infinite or NaN
-    parameter or update) gives NaN, never a plausible finite parameter.
+    one ``u`` gives), as does a target equal to ``x``. A non-finite ``x`` (an
+    infinite or NaN parameter or update) gives NaN, never a plausible finite
+    parameter.
     ``landing`` is ``"bound"`` for inequality constraints (a bound holds
     after ``apply_updates``) and ``"nearest"`` for equalities.
     """
@@ -332,9 +333,7 @@ def _land_unit(
     assert c.p is not None
     norm = _norms.axes_norm(x, 2, c.leaf.axes, axis_name=None, widened_from=c.p.dtype)
     scale = target.fn(norm, c.leaf, values)
-    scale = jax.lax.select(
-        jnp.isfinite(norm), scale, jax.lax.full_like(scale, jnp.nan)
-    )
+    scale = jax.lax.select(jnp.isfinite(norm), scale, jax.lax.full_like(scale, jnp.nan))
     t = poison(x * scale.astype(x.dtype), valid)
     if target.limits is None or not needs_unit_check(c.p.dtype, c.u.dtype):
         return land(c.p, c.u, x, t, target.landing)

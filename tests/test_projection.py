@@ -197,12 +197,15 @@ def test_inside_the_set_the_new_params_are_those_of_the_updates(
     params = _tree(4, dtype, scale=0.01)
     updates = _tree(5, dtype, scale=0.01)
     if dtype == jnp.float32:  # every kind of sum: u >> p, u << p, cancelling
-        params["kernel"] = params["kernel"] * jnp.logspace(-4, 0, 6, dtype=dtype)[:, None]
+        rows = jnp.logspace(-4, 0, 6, dtype=dtype)[:, None]
+        params["kernel"] = params["kernel"] * rows
         updates["conv"] = -params["conv"] * 0.999 + updates["conv"] * 1e-4
         # x = fl(p + u) = -2^-12 exactly, and fl(x - p) rounds on the coarser
         # grid below it: fl(p + fl(x - p)) != x without the step.
-        params["bias"] = jnp.asarray([6.1464045e-5, 7.06211e-5, 1.2803313e-5], dtype)
-        updates["bias"] = jnp.asarray([-3.0560468e-4, -3.1476174e-4, -2.5694395e-4], dtype)
+        p_bias = [6.1464045e-5, 7.06211e-5, 1.2803313e-5]
+        u_bias = [-3.0560468e-4, -3.1476174e-4, -2.5694395e-4]
+        params["bias"] = jnp.asarray(p_bias, dtype)
+        updates["bias"] = jnp.asarray(u_bias, dtype)
     params["scalar"] = jnp.abs(params["scalar"])
     updates["scalar"] = jnp.abs(updates["scalar"])  # (inside the orthant)
     expected = optax.apply_updates(params, updates)
