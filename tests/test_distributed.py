@@ -86,10 +86,12 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-# The sections of the worker the default run checks; the norm-geometry and
-# telemetry ones (their own subprocess) run in the slow step.
-DEFAULT_SECTIONS = ("explicit", "auto", "axis_name", "stacked")
-SLOW_SECTIONS = ("telemetry", "geometry")
+# The sections of the worker the default run checks (Explicit axes, the
+# jax.make_mesh default, and stacked layers); Auto axes, ``axis_name`` and
+# the norm-geometry and telemetry ones run in the slow step (their own
+# subprocess).
+DEFAULT_SECTIONS = ("explicit", "stacked")
+SLOW_SECTIONS = ("auto", "axis_name", "telemetry", "geometry")
 
 
 def _run_worker(tmp: Path, sections: tuple[str, ...]) -> dict[str, Any]:
@@ -119,6 +121,19 @@ def slow_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return _run_worker(tmp_path_factory.mktemp("distributed_slow"), SLOW_SECTIONS)
 
 
+def _section(request: pytest.FixtureRequest, section: str) -> dict[str, Any]:
+    """The worker's results holding ``section`` (default or slow subprocess)."""
+    fixture = "results" if section in DEFAULT_SECTIONS else "slow_results"
+    results: dict[str, Any] = request.getfixturevalue(fixture)
+    return results
+
+
+def _mode(mode: str) -> Any:
+    """A ``mode`` parameter: Auto axes run in the slow step."""
+    slow = mode not in DEFAULT_SECTIONS
+    return pytest.param(mode, marks=pytest.mark.slow if slow else ())
+
+
 def test_worker_sections_are_all_checked() -> None:
     assert sorted(DEFAULT_SECTIONS + SLOW_SECTIONS) == sorted(single_host.SECTIONS)
 
@@ -141,7 +156,8 @@ def _transform_params() -> list[Any]:
             for name in names:
                 if mode == "auto" and name not in single_host.AUTO_SUBSET:
                     continue
-                params.append(pytest.param(mode, mesh, name))
+                marks = () if mode in DEFAULT_SECTIONS else pytest.mark.slow
+                params.append(pytest.param(mode, mesh, name, marks=marks))
     return params
 
 
@@ -151,8 +167,9 @@ def test_eight_devices(results: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(("mode", "mesh", "name"), _transform_params())
 def test_transform_matches_unsharded_and_keeps_sharding(
-    results: dict[str, Any], mode: str, mesh: str, name: str
+    request: pytest.FixtureRequest, mode: str, mesh: str, name: str
 ) -> None:
+    results = _section(request, mode)
     assert name in results["transforms"], f"{name} is not in norm_optax.__all__"
     case = _case(results, mode, mesh, name)
     assert case["rel_err"] <= 1.0  # allclose(rtol=1e-6, atol=1e-6)
@@ -197,11 +214,12 @@ def test_traced_ord_runs_one_all_reduce_per_branch(
     assert case["all_gather"] == 0
 
 
-@pytest.mark.parametrize("mode", ["explicit", "auto"])
+@pytest.mark.parametrize("mode", [_mode("explicit"), _mode("auto")])
 @pytest.mark.parametrize("mesh", MESHES)
 def test_grad_and_vmap_of_global_norm(
-    results: dict[str, Any], mode: str, mesh: str
+    request: pytest.FixtureRequest, mode: str, mesh: str
 ) -> None:
+    results = _section(request, mode)
     grad = _case(results, mode, mesh, "grad(global_norm)")
     assert grad["rel_err"] <= 1.0
     assert grad["zero_at_zero"]
@@ -220,18 +238,21 @@ def test_grad_of_global_norm_is_one_all_reduce(
     assert _case(results, "explicit", mesh, "grad(global_norm)")["all_reduce"] == 1
 
 
-@pytest.mark.parametrize("mode", ["explicit", "auto"])
+@pytest.mark.parametrize("mode", [_mode("explicit"), _mode("auto")])
 @pytest.mark.parametrize("mesh", MESHES)
 def test_per_example_norms_with_sharded_examples(
-    results: dict[str, Any], mode: str, mesh: str
+    request: pytest.FixtureRequest, mode: str, mesh: str
 ) -> None:
+    results = _section(request, mode)
     case = _case(results, mode, mesh, "per_example(global_norm)")
     assert case["rel_err"] <= 1.0
     assert case["all_gather"] == 0
     assert case["all_reduce"] <= 1
 
 
-def test_auto_axes_all_reduce_counts(results: dict[str, Any]) -> None:
+@pytest.mark.slow
+def test_auto_axes_all_reduce_counts(slow_results: dict[str, Any]) -> None:
+    results = slow_results
     # Auto axes: the shardings are unknown at trace time, XLA reduces each
     # leaf over its own mesh axes. One all-reduce on the FSDP mesh, several
     # on the 2-D mesh (where Explicit axes give one); never an all-gather.
@@ -356,12 +377,13 @@ AXIS_NAME_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", AXIS_NAME_CASES)
-def test_axis_name(results: dict[str, Any], name: str) -> None:
+def test_axis_name(slow_results: dict[str, Any], name: str) -> None:
     key = f"shard_map/{name}"
-    if key not in _case(results, "axis_name"):
+    if key not in _case(slow_results, "axis_name"):
         pytest.skip(f"{name} takes no axis_name")
-    case = _case(results, "axis_name", key)
+    case = _case(slow_results, "axis_name", key)
     assert case["rel_err"] <= 1.0  # equal to the unsplit gradient's result
     if name.startswith(("clip_by_global_norm", "normalize")):
         np.testing.assert_allclose(case["norm"], 1.0, rtol=1e-6)
@@ -373,14 +395,15 @@ def test_axis_name(results: dict[str, Any], name: str) -> None:
 UNKNOWN_REPLICATION = "cannot be told from a sharded one"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", AXIS_NAME_CASES)
-def test_axis_name_under_pmap_raises(results: dict[str, Any], name: str) -> None:
+def test_axis_name_under_pmap_raises(slow_results: dict[str, Any], name: str) -> None:
     # pmap does not record which values vary over its axis (an in_axes=None
     # leaf would count once per device): raise rather than guess.
     key = f"pmap/{name}"
-    if key not in _case(results, "axis_name"):
+    if key not in _case(slow_results, "axis_name"):
         pytest.skip(f"{name} takes no axis_name")
-    message = _case(results, "axis_name", key)["raised"]
+    message = _case(slow_results, "axis_name", key)["raised"]
     assert message is not None
     assert UNKNOWN_REPLICATION in message
     assert "check_vma=True" in message
@@ -389,30 +412,32 @@ def test_axis_name_under_pmap_raises(results: dict[str, Any], name: str) -> None
 MIXED_NORMS = ["global_norm", "global_norm[ord=1]", "global_norm[ord=inf]"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MIXED_NORMS)
 def test_mixed_replication_counts_a_replicated_leaf_once(
-    results: dict[str, Any], name: str
+    slow_results: dict[str, Any], name: str
 ) -> None:
     # {"w": P("x"), "scale": P()} on 4 devices: the true norm of the tree,
     # with one all-reduce of a scalar.
-    case = _case(results, "axis_name", f"mixed/{name}")
+    case = _case(slow_results, "axis_name", f"mixed/{name}")
     assert case["rel_err"] <= 1.0
     assert case["all_reduce"] == 1
     if name == "global_norm":
-        true = _case(results, "axis_name")["mixed/true_norm"]
+        true = _case(slow_results, "axis_name")["mixed/true_norm"]
         np.testing.assert_allclose(case["value"], true, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["clip_by_global_norm", "normalize_by_global_norm", "clip_by_norm"]
 )
 def test_mixed_replication_transforms_and_gradients(
-    results: dict[str, Any], name: str
+    slow_results: dict[str, Any], name: str
 ) -> None:
     key = f"mixed/{name}"
-    if key not in _case(results, "axis_name"):
+    if key not in _case(slow_results, "axis_name"):
         pytest.skip(f"{name} takes no axis_name")
-    case = _case(results, "axis_name", key)
+    case = _case(slow_results, "axis_name", key)
     assert case["rel_err"] <= 1.0
     assert case["grad_rel_err"] <= 1.0
     if name == "clip_by_norm":  # each leaf on its own
@@ -422,15 +447,19 @@ def test_mixed_replication_transforms_and_gradients(
         np.testing.assert_allclose(case["norm"], 1.0, rtol=1e-6)
 
 
-def test_mixed_replication_gradient_of_global_norm(results: dict[str, Any]) -> None:
-    case = _case(results, "axis_name", "mixed/grad(global_norm)")
+@pytest.mark.slow
+def test_mixed_replication_gradient_of_global_norm(
+    slow_results: dict[str, Any],
+) -> None:
+    case = _case(slow_results, "axis_name", "mixed/grad(global_norm)")
     assert case["rel_err"] <= 1.0
     assert case["zero_at_zero"]
 
 
-def test_tuple_axis_name_on_a_2d_mesh(results: dict[str, Any]) -> None:
+@pytest.mark.slow
+def test_tuple_axis_name_on_a_2d_mesh(slow_results: dict[str, Any]) -> None:
     # Leaves varying over ("a", "b"), "a" only, "b" only, and neither.
-    case = _case(results, "axis_name", "mixed/tuple_axis_name")
+    case = _case(slow_results, "axis_name", "mixed/tuple_axis_name")
     for ord in ("2", "1", "inf"):
         assert case[f"rel_err[ord={ord}]"] <= 1.0, ord
     assert case["all_reduce"] == 1
@@ -438,15 +467,17 @@ def test_tuple_axis_name_on_a_2d_mesh(results: dict[str, Any]) -> None:
     assert case["rel_err[only_a]"] <= 1.0
 
 
-def test_shard_map_without_vma_checking_raises(results: dict[str, Any]) -> None:
-    message = _case(results, "axis_name", "mixed/check_vma=False")["raised"]
+@pytest.mark.slow
+def test_shard_map_without_vma_checking_raises(slow_results: dict[str, Any]) -> None:
+    message = _case(slow_results, "axis_name", "mixed/check_vma=False")["raised"]
     assert message is not None
     assert UNKNOWN_REPLICATION in message
 
 
-def test_optax_without_axis_name_clips_each_shard(results: dict[str, Any]) -> None:
+@pytest.mark.slow
+def test_optax_without_axis_name_clips_each_shard(slow_results: dict[str, Any]) -> None:
     # The baseline the axis_name fixes: 4 shards each clipped to norm 1.
-    case = _case(results, "axis_name", "shard_map/optax.clip_by_global_norm")
+    case = _case(slow_results, "axis_name", "shard_map/optax.clip_by_global_norm")
     np.testing.assert_allclose(case["norm"], 2.0, rtol=1e-6)
 
 

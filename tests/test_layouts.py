@@ -60,7 +60,8 @@ from tests.conftest import rtol
 Tree = dict[str, Any]
 L = 2  # layers
 SHAPES = {"kernel": (L, 4, 5), "bias": (L, 5), "conv": (L, 2, 2, 3, 4)}
-DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+# float16 (a repeat of the half-precision paths bfloat16 takes) in the slow step.
+DTYPES = [jnp.float32, jnp.bfloat16, pytest.param(jnp.float16, marks=pytest.mark.slow)]
 
 
 # ---------------------------------------------------------------------------
@@ -742,6 +743,7 @@ def _unstack_nnx(stacked: dict[str, Any]) -> dict[str, Any]:
     return {"blocks": blocks, "head": stacked["head"]}
 
 
+@pytest.mark.slow  # training runs: the layouts are checked step by step above
 @pytest.mark.standard_promotion
 @pytest.mark.parametrize("partition_name", ["layers", None])
 def test_nnx_stacked_model_trains_as_unstacked(partition_name: str | None) -> None:
@@ -867,6 +869,7 @@ def _unroll_linen(params: Any) -> dict[str, Any]:
     return {**out, "head": scanned["head"]}
 
 
+@pytest.mark.slow  # training runs: the layouts are checked step by step above
 @pytest.mark.standard_promotion
 def test_linen_scan_model_trains_as_unrolled() -> None:
     boxed = LinenScanned().init(jax.random.key(0), X)["params"]
@@ -998,6 +1001,7 @@ def _train_flax_layout(params: Any, tx: optax.GradientTransformation) -> Any:
     return params
 
 
+@pytest.mark.slow  # training runs: the layouts are checked step by step above
 @pytest.mark.standard_promotion
 def test_equinox_model_trains_as_flax_layout() -> None:
     model = _eqx_model()

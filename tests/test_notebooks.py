@@ -147,7 +147,18 @@ def test_committed_notebook_matches_build(name: str) -> None:
     )
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+# The quick start and the large-models notebook run in the default run; the
+# others (whose techniques the demo's parts train too) in the slow step.
+DEFAULT_RUN = ("01_quickstart.ipynb", "04_large_models.ipynb")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=() if n in DEFAULT_RUN else pytest.mark.slow)
+        for n in sorted(EXPECTED)
+    ],
+)
 def test_notebook_runs(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NORM_OPTAX_SMALL", "1")  # inherited by the kernel
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)

@@ -321,7 +321,11 @@ def _big_tree(seed: int, dtype: Any, scale: float) -> Tree:
     return normal_tree(seed, shapes, dtype, scale)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32], ids=str)
+@pytest.mark.parametrize(
+    "dtype",
+    [pytest.param(jnp.float16, marks=pytest.mark.slow), jnp.bfloat16, jnp.float32],
+    ids=str,
+)
 @pytest.mark.parametrize(
     ("name", "tx", "check"), CONSTRAINTS, ids=[c[0] for c in CONSTRAINTS]
 )
@@ -559,7 +563,9 @@ def test_nnx_training_keeps_unit_norms_bounded() -> None:
     assert np.max(_unit_norms_f64(kernel)) > 1.9  # the constraint was active
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(jnp.float16, marks=pytest.mark.slow), jnp.bfloat16], ids=str
+)
 def test_meta_gradients_are_finite_in_half_precision(dtype: Any) -> None:
     """Rounding toward the set (``nextafter``) stays out of differentiation."""
     params = _tree(8, dtype)

@@ -756,6 +756,7 @@ def sharded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return dict(json.loads(out.read_text()))
 
 
+@pytest.mark.slow  # an 8-device subprocess
 @pytest.mark.parametrize(
     ("mode", "name"), [(mode, name) for mode, names in MODES.items() for name in names]
 )
