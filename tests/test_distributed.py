@@ -86,12 +86,11 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-# The sections of the worker the default run checks (Explicit axes, the
-# jax.make_mesh default, and stacked layers); Auto axes, ``axis_name`` and
-# the norm-geometry and telemetry ones run in the slow step (their own
-# subprocess).
-DEFAULT_SECTIONS = ("explicit", "stacked")
-SLOW_SECTIONS = ("auto", "axis_name", "telemetry", "geometry")
+# The section of the worker the default run checks (stacked layers on both
+# meshes); the others (every transform on Explicit and Auto axes, axis_name,
+# norm geometry and telemetry) run in the slow step, in their own subprocess.
+DEFAULT_SECTIONS = ("stacked",)
+SLOW_SECTIONS = ("explicit", "auto", "axis_name", "telemetry", "geometry")
 
 
 def _run_worker(tmp: Path, sections: tuple[str, ...]) -> dict[str, Any]:
@@ -177,38 +176,41 @@ def test_transform_matches_unsharded_and_keeps_sharding(
     assert case.get("traced_sharding", []) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 @pytest.mark.parametrize("ord", ["1", "2", "inf"])
 def test_global_norm_is_one_all_reduce(
-    results: dict[str, Any], mesh: str, ord: str
+    slow_results: dict[str, Any], mesh: str, ord: str
 ) -> None:
-    case = _case(results, "explicit", mesh, f"global_norm[ord={ord}]")
+    case = _case(slow_results, "explicit", mesh, f"global_norm[ord={ord}]")
     assert case["rel_err"] <= 1.0
     assert case["all_reduce"] == 1
     assert case["all_gather"] == 0
     assert case["all_to_all"] == case["collective_permute"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 @pytest.mark.parametrize(
     "name", ["clip_by_global_norm", "normalize_by_global_norm", "project_l2_ball"]
 )
 def test_global_norm_transforms_are_one_all_reduce(
-    results: dict[str, Any], mesh: str, name: str
+    slow_results: dict[str, Any], mesh: str, name: str
 ) -> None:
-    assert name in results["transforms"], f"{name} is not in norm_optax.__all__"
-    case = _case(results, "explicit", mesh, name)
+    assert name in slow_results["transforms"], f"{name} is not in norm_optax.__all__"
+    case = _case(slow_results, "explicit", mesh, name)
     assert case["all_reduce"] == 1
     assert case["all_gather"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 def test_traced_ord_runs_one_all_reduce_per_branch(
-    results: dict[str, Any], mesh: str
+    slow_results: dict[str, Any], mesh: str
 ) -> None:
     # inject_hyperparams traces ``ord``: lax.switch over ord 1, 2, inf, each
     # branch with its own all-reduce; only the chosen one runs.
-    case = _case(results, "explicit", mesh, "clip_by_global_norm[inject]")
+    case = _case(slow_results, "explicit", mesh, "clip_by_global_norm[inject]")
     assert case["rel_err"] <= 1.0
     assert case["all_reduce"] == 3
     assert case["all_gather"] == 0
@@ -231,11 +233,12 @@ def test_grad_and_vmap_of_global_norm(
 # Reverse mode: the norm's tangent sums take the plain path (role="tangent"),
 # so the backward pass does not transpose the shard_map into extra collectives;
 # vmap over a sharded batch axis keeps the examples in place (role="primal").
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 def test_grad_of_global_norm_is_one_all_reduce(
-    results: dict[str, Any], mesh: str
+    slow_results: dict[str, Any], mesh: str
 ) -> None:
-    assert _case(results, "explicit", mesh, "grad(global_norm)")["all_reduce"] == 1
+    assert _case(slow_results, "explicit", mesh, "grad(global_norm)")["all_reduce"] == 1
 
 
 @pytest.mark.parametrize("mode", [_mode("explicit"), _mode("auto")])

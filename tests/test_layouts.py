@@ -60,8 +60,12 @@ from tests.conftest import rtol
 Tree = dict[str, Any]
 L = 2  # layers
 SHAPES = {"kernel": (L, 4, 5), "bias": (L, 5), "conv": (L, 2, 2, 3, 4)}
-# float16 (a repeat of the half-precision paths bfloat16 takes) in the slow step.
-DTYPES = [jnp.float32, jnp.bfloat16, pytest.param(jnp.float16, marks=pytest.mark.slow)]
+# Half precision (bfloat16, float16) in the slow step.
+DTYPES = [
+    jnp.float32,
+    pytest.param(jnp.bfloat16, marks=pytest.mark.slow),
+    pytest.param(jnp.float16, marks=pytest.mark.slow),
+]
 
 
 # ---------------------------------------------------------------------------

@@ -323,7 +323,11 @@ def _big_tree(seed: int, dtype: Any, scale: float) -> Tree:
 
 @pytest.mark.parametrize(
     "dtype",
-    [pytest.param(jnp.float16, marks=pytest.mark.slow), jnp.bfloat16, jnp.float32],
+    [
+        pytest.param(jnp.float16, marks=pytest.mark.slow),
+        pytest.param(jnp.bfloat16, marks=pytest.mark.slow),
+        jnp.float32,
+    ],
     ids=str,
 )
 @pytest.mark.parametrize(
@@ -563,9 +567,8 @@ def test_nnx_training_keeps_unit_norms_bounded() -> None:
     assert np.max(_unit_norms_f64(kernel)) > 1.9  # the constraint was active
 
 
-@pytest.mark.parametrize(
-    "dtype", [pytest.param(jnp.float16, marks=pytest.mark.slow), jnp.bfloat16], ids=str
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=str)
 def test_meta_gradients_are_finite_in_half_precision(dtype: Any) -> None:
     """Rounding toward the set (``nextafter``) stays out of differentiation."""
     params = _tree(8, dtype)
