@@ -37,8 +37,9 @@ def project_l2_ball(
        \frac{r}{\|p + u\|_2}\right), \qquad \|\cdot\|_2 \text{ over all leaves}
 
     The global counterpart of :func:`max_norm`: one scale for the whole tree
-    (the selected leaves, with ``mask``), so inside the ball the updates pass
-    unchanged. A NaN or infinite norm makes every selected element NaN.
+    (the selected leaves, with ``mask``), so inside the ball the parameters
+    end where the updates put them. A NaN or infinite norm makes every
+    selected element NaN.
 
     Place it last, after the learning rate:
     ``optax.chain(optax.sgd(1e-2), nox.project_l2_ball(10.0))``.

@@ -106,8 +106,8 @@ def clip_weights(
     .. math:: p \leftarrow \min(\max(p + u, -c), c), \qquad
        u' = \operatorname{clip}(p + u, -c, c) - p
 
-    The box constraint of the WGAN critic. Elements already inside keep their
-    update unchanged. Complex parameters have their real and imaginary parts
+    The box constraint of the WGAN critic. Elements already inside end where
+    their update puts them. Complex parameters have their real and imaginary parts
     clipped separately. After ``optax.apply_updates`` every element is in the
     box, in every dtype (see :ref:`rounding` on the Weight projections page).
 
@@ -195,8 +195,8 @@ def non_negative(mask: Mask = None) -> optax.GradientTransformationExtraArgs:
     .. math:: p \leftarrow \max(p + u, 0), \qquad u' = \max(p + u, 0) - p
 
     Elements that would become negative are set to exactly ``0`` (``u' = -p``);
-    the others keep their update. As in non-negative matrix factorisation or
-    Keras' ``NonNeg`` constraint.
+    the others end where their update puts them. As in non-negative matrix
+    factorisation or Keras' ``NonNeg`` constraint.
 
     Place it last, after the learning rate:
     ``optax.chain(optax.adam(1e-3), nox.non_negative())``.
@@ -295,9 +295,10 @@ def max_norm(
     reduce over: one unit per output feature of a Dense kernel ``(in, out)``
     (the incoming weights of a neuron, as in Srivastava et al.), one per
     output channel of a Conv kernel, the whole array for biases and scalars
-    (use ``mask`` to leave those free). Units under the limit keep their
-    update; units over it are scaled onto it (aimed a few ulps inside, see
-    :ref:`rounding`). A NaN or infinite unit norm makes the unit NaN.
+    (use ``mask`` to leave those free). Units under the limit end where
+    their update puts them; units over it are scaled onto it (aimed a few
+    ulps inside, see :ref:`rounding`). A NaN or infinite unit norm makes the
+    unit NaN.
 
     Place it last, after the learning rate:
     ``optax.chain(optax.sgd(0.1, momentum=0.9), nox.max_norm(3.0))``.
@@ -461,8 +462,8 @@ def min_max_norm(
 
     the semantics of Keras' ``MinMaxNorm``: ``rate=1`` enforces the bounds
     strictly, a smaller rate moves the norms gradually. Units already inside
-    keep their update. A zero unit stays zero (it has no direction to grow
-    along). A NaN or infinite unit norm makes the unit NaN.
+    end where their update puts them. A zero unit stays zero (it has no
+    direction to grow along). A NaN or infinite unit norm makes the unit NaN.
 
     Place it last, after the learning rate:
     ``optax.chain(optax.adam(1e-3), nox.min_max_norm(0.5, 2.0))``.

@@ -338,7 +338,7 @@ def clip_spectral_norm(
     a hard Lipschitz bound per layer (Gouk et al.). Unlike spectral
     normalisation (Miyato et al.), which divides the weights by
     :math:`\sigma` in the forward pass, this keeps the parameters themselves
-    in the set; matrices already inside keep their update unchanged.
+    in the set; matrices already inside end where their update puts them.
 
     **Matrices.** Each leaf, per index of its stack axes, is a matrix
     ``(fan_in, units)`` by the unit convention of ``axis``: the axes a unit
