@@ -344,6 +344,11 @@ def compile_leaves(n: int) -> dict[str, float]:
             out[f"plain {name}"] = _seconds(
                 lambda p, fn=fn: jax.tree.map(fn, p), params
             )
+            out[f"plain {name} as an update"] = _seconds(
+                lambda u, p, fn=fn: jax.tree.map(lambda a, b: fn(b + a) - b, u, p),
+                grads,
+                params,
+            )
     for name in ("max_norm(1.0)",):
         tx = {**ELEMENTWISE, **BALLS, **PER_UNIT}[name]()
         out[f"nox.{name}"] = _seconds(
@@ -423,6 +428,11 @@ def targets(result: ProjectionsResult) -> TargetTable:
     c = result.compile_tree
     for nox_key, plain_key, what in (
         ("nox.max_norm(1.0)", "plain max_norm(1.0)", "update alone"),
+        (
+            "nox.max_norm(1.0)",
+            "plain max_norm(1.0) as an update",
+            "update alone (for the record)",
+        ),
         (
             "chain(adamw, nox.max_norm(1.0)) step",
             "adamw + plain max_norm step",

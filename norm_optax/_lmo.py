@@ -272,9 +272,10 @@ def scale_by_lmo(
             if name == "auto":
                 name = "spectral" if matrix else "rms"
             if name == "spectral" and not matrix:
+                bias = _layout.is_broadcast_bias(leaf.path, leaf.shape, leaf.stack)
                 raise ValueError(
                     _polar.matrix_error(
-                        leaf.path, leaf.shape, leaf.stack, "norm='spectral'"
+                        leaf.path, leaf.shape, leaf.stack, "norm='spectral'", bias
                     )
                 )
             x = u.astype(_wide(u.dtype))

@@ -336,6 +336,12 @@ def _pnorm_jvp(
     return norm, tangent.astype(dtype)
 
 
+# The norm under ``jax.jit``: traced once per (arguments, shapes, dtypes,
+# shardings), not once per leaf, so a tree of many leaves of few shapes traces
+# and lowers its norms once per shape (XLA inlines the calls).
+_pnorm_cached = jax.jit(_pnorm, static_argnums=(0, 1, 2, 3))
+
+
 def _norm(
     leaves: tuple[jax.Array, ...],
     ord: int | float | jax.Array,
@@ -353,7 +359,7 @@ def _norm(
         dtypes.append(widened_from)
     guard = any(needs_range_guard(d) for d in dtypes)
     if not isinstance(ord, jax.Array):
-        return _pnorm(ord, axes, axis_name, guard, leaves)
+        return _pnorm_cached(ord, axes, axis_name, guard, leaves)
     # Traced ``ord``: choose at run time; any other value gives NaN.
     branches: list[Callable[[tuple[jax.Array, ...]], jax.Array]] = [
         functools.partial(_pnorm, valid, axes, axis_name, guard)

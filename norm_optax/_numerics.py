@@ -374,7 +374,12 @@ def _make_land(landing: Landing) -> Any:
     return landed
 
 
-_LANDED = {"bound": _make_land("bound"), "nearest": _make_land("nearest")}
+# Under ``jax.jit``: traced and lowered once per shape, dtype and sharding, not
+# once per leaf (XLA inlines the calls).
+_LANDED = {
+    "bound": jax.jit(_make_land("bound")),
+    "nearest": jax.jit(_make_land("nearest")),
+}
 
 
 def land(

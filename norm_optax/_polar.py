@@ -164,12 +164,28 @@ def polar_options(method: Any, ns_steps: Any, ns_coeffs: Any) -> Polar:
 # ---------------------------------------------------------------------------
 
 
-def matrix_error(path: str, shape: tuple[int, ...], stack: int, what: str) -> str:
-    """The message for a leaf that has no matrix."""
+def matrix_error(
+    path: str,
+    shape: tuple[int, ...],
+    stack: int,
+    what: str,
+    broadcast_bias: bool = False,
+) -> str:
+    """The message for a leaf that has no matrix.
+
+    ``broadcast_bias``: the leaf has two or more non-stack axes but is a bias
+    whose axes after the first are all 1 (Equinox's conv bias), a vector.
+    """
     where = f"the leaf at {path}" if path else "the array"
+    why = (
+        "a bias whose axes after the first all have size 1 (a broadcast bias, "
+        "read as the vector of its first axis)"
+        if broadcast_bias
+        else "fewer than two non-stack axes"
+    )
     return (
         f"{what} needs a matrix: {where} has shape {shape} with stack_axes={stack}, "
-        f"fewer than two non-stack axes."
+        f"{why}."
     )
 
 

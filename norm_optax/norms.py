@@ -373,8 +373,9 @@ def orthogonalize(
         where = _layout.path_str(path)
         count = _layout.stack_count(s, where, x.shape)
         if not _layout.is_matrix(where, x.shape, count):
+            bias = _layout.is_broadcast_bias(where, x.shape, count)
             raise ValueError(
-                _polar.matrix_error(where, x.shape, count, "orthogonalize")
+                _polar.matrix_error(where, x.shape, count, "orthogonalize", bias)
             )
         axes = _layout.unit_axes(a, where, x.shape, count)
         out.append(_polar.orthogonalize_leaf(x, count, axes, options))

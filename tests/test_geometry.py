@@ -247,6 +247,10 @@ def test_vector_leaf_raises_naming_path_and_shape() -> None:
         )
     with pytest.raises(ValueError, match=r"\(5,\)"):
         nox.orthogonalize(jnp.ones(5))
+    # An Equinox conv bias (out, 1, 1) has three axes but is a vector: the
+    # message says why, not "fewer than two non-stack axes".
+    with pytest.raises(ValueError, match=r"conv/bias.*\(4, 1, 1\).*broadcast bias"):
+        nox.orthogonalize({"conv": {"bias": jnp.ones((4, 1, 1))}})
 
 
 @pytest.mark.parametrize(
@@ -350,8 +354,11 @@ def test_norm_tree_callable_none_and_mask() -> None:
 
 def test_spectral_on_a_vector_raises_naming_path_and_shape() -> None:
     tx = nox.scale_by_lmo("spectral", stack_axes=1)
-    with pytest.raises(ValueError, match=r"bias.*\(2, 3\)"):
+    with pytest.raises(ValueError, match=r"bias.*\(2, 3\).*fewer than two"):
         apply(tx, {"bias": jnp.ones((2, 3))})
+    flat = nox.scale_by_lmo("spectral")
+    with pytest.raises(ValueError, match=r"bias.*\(3, 1\).*broadcast bias"):
+        apply(flat, {"bias": jnp.ones((3, 1))})
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])
