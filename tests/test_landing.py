@@ -18,6 +18,7 @@ import optax
 import pytest
 
 import norm_optax as nox
+from norm_optax._numerics import next_float
 
 # ``eps`` of the rule for units that start within twice their bound.
 EPS = {
@@ -169,3 +170,26 @@ def test_non_finite_input_becomes_nan(name: str, bad: float, where: str) -> None
     new = np.asarray(optax.apply_updates(params, u)["w"])
     assert np.isnan(new[0, 0])  # the element itself
     assert np.all(np.isfinite(new[:, 1]))  # the other unit is untouched
+
+
+@pytest.mark.parametrize(
+    "dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64], ids=str
+)
+def test_next_float_equals_nextafter(dtype: Any, x64: None) -> None:
+    # The landing's one step on a float's grid (±1 on the bits) against
+    # jnp.nextafter, both directions, a static and a traced direction,
+    # over 60 decades, signed zeros and ±1; NaN stays NaN.
+    del x64
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(2000) * 10.0 ** rng.integers(-30, 30, 2000)
+    x = np.concatenate([values, [0.0, -0.0, 1.0, -1.0]])
+    v = jnp.asarray(x).astype(dtype)
+    finite = np.asarray(jnp.isfinite(v))
+    for down in (True, False):
+        want = jnp.nextafter(v, jnp.full_like(v, -jnp.inf if down else jnp.inf))
+        static = jax.jit(lambda v, down=down: next_float(v, down))(v)
+        traced = jax.jit(next_float)(v, jnp.full(v.shape, down))
+        expected = np.asarray(want[finite], np.float64)
+        for got in (static, traced):
+            np.testing.assert_array_equal(np.asarray(got[finite], np.float64), expected)
+    assert bool(jnp.isnan(next_float(jnp.asarray(jnp.nan, dtype), True)))
