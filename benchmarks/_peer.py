@@ -90,17 +90,26 @@ def time_group(
     return {k: out[k] for k in candidates}
 
 
-def step_build(
-    make_tx: Callable[[], optax.GradientTransformation], params: Any, grads: Any
+def jitted_step_build(
+    step: Callable[..., Any],
+    init: Callable[[Any], Any],
+    params: Any,
+    grads: Any,
+    on_compiled: Callable[[Any], None] | None = None,
 ) -> Build:
-    """A whole step (update + apply), params and state donated."""
+    """A jitted ``step(params, state, grads) -> (params, state)``, both donated.
+
+    ``state`` is ``init(params)``; ``on_compiled``, if given, sees the
+    executable (to read its HLO or cost analysis).
+    """
 
     def build() -> tuple[Callable[[], None], float]:
-        tx = make_tx()
-        state = tx.init(params)
+        state = init(params)
         compiled, seconds = harness.compile_seconds(
-            tx_step_fn(tx), (params, state, grads), (0, 1)
+            step, (params, state, grads), (0, 1)
         )
+        if on_compiled is not None:
+            on_compiled(compiled)
         box = {"p": copy_tree(params), "s": copy_tree(state)}
 
         def run() -> None:
@@ -109,6 +118,18 @@ def step_build(
             )
 
         return run, seconds
+
+    return build
+
+
+def step_build(
+    make_tx: Callable[[], optax.GradientTransformation], params: Any, grads: Any
+) -> Build:
+    """A whole step (update + apply), params and state donated."""
+
+    def build() -> tuple[Callable[[], None], float]:
+        tx = make_tx()
+        return jitted_step_build(tx_step_fn(tx), tx.init, params, grads)()
 
     return build
 

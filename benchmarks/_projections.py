@@ -28,8 +28,8 @@ import _harness as harness
 import jax
 import jax.numpy as jnp
 import optax
-from _core import copy_tree, torch, tx_step_fn
-from _peer import Build, Timed, attempt, time_group, timing_text
+from _core import torch, tx_step_fn
+from _peer import Build, Timed, attempt, jitted_step_build, time_group, timing_text
 from _report import TargetTable
 
 import norm_optax as nox
@@ -189,23 +189,11 @@ def custom_build(
     With ``hlo``, the executable's bytes accessed are stored at ``label``.
     """
 
-    def build() -> tuple[Callable[[], None], float]:
-        state = init(params)
-        compiled, seconds = harness.compile_seconds(
-            step, (params, state, grads), (0, 1)
-        )
+    def record(compiled: Any) -> None:
         if hlo is not None:
             hlo[label] = hlo_bytes(compiled)
-        box = {"p": copy_tree(params), "s": copy_tree(state)}
 
-        def run() -> None:
-            box["p"], box["s"] = jax.block_until_ready(
-                compiled(box["p"], box["s"], grads)
-            )
-
-        return run, seconds
-
-    return build
+    return jitted_step_build(step, init, params, grads, record)
 
 
 # ---------------------------------------------------------------------------
