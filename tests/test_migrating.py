@@ -10,9 +10,7 @@ are installed (Keras on its JAX backend).
 
 from __future__ import annotations
 
-import os
 import pathlib
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -20,33 +18,17 @@ import jax
 import numpy as np
 import pytest
 
-GUIDE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "guides" / "migrating.md"
-BLOCK = re.compile(
-    r"```\{code-block\} python\n:name: mig-([a-z0-9-]+)\n\n(.*?)```", re.S
+from tests.guide_pairs import (
+    Namespace,
+    check_both_sides_agree,
+    check_every_pair_is_compared,
+    close,
+    read_blocks,
+    same,
 )
-BLOCKS = dict(BLOCK.findall(GUIDE.read_text()))
-PEERS = {"optax": "optax", "torch": "torch", "keras": "keras"}
 
-Namespace = dict[str, Any]
-
-
-def close(actual: Any, expected: Any, rtol: float = 1e-5, atol: float = 1e-6) -> None:
-    """Trees (or arrays, tensors, scalars) equal to float32 rounding."""
-    actual = jax.tree.map(np.asarray, actual)
-    expected = jax.tree.map(np.asarray, expected)
-    assert str(jax.tree.structure(actual)) == str(jax.tree.structure(expected))
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
-
-
-def same(*names: str, **tolerances: float) -> Callable[[Namespace, Namespace], None]:
-    """Compares the variables ``names`` of the two sides."""
-
-    def compare(peer: Namespace, nox: Namespace) -> None:
-        for name in names:
-            close(nox[name], peer[name], **tolerances)
-
-    return compare
+GUIDE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "guides" / "migrating.md"
+BLOCKS = read_blocks(GUIDE, "mig")
 
 
 def torch_to_flax(tree: dict[str, Any]) -> dict[str, Any]:
@@ -118,30 +100,10 @@ COMPARE: dict[str, Callable[[Namespace, Namespace], None]] = {
 
 
 def test_every_pair_of_the_guide_is_compared() -> None:
-    pairs = {name[: -len("-peer")] for name in BLOCKS if name.endswith("-peer")}
-    assert pairs == set(COMPARE), (
-        f"pairs in the guide without a comparison here: {sorted(pairs - set(COMPARE))}"
-        f"; comparisons without a pair: {sorted(set(COMPARE) - pairs)}"
-    )
-    for pair in pairs:
-        assert f"{pair}-nox" in BLOCKS, f"{pair} has no norm_optax side"
-    for section in {pair.split("-")[0] for pair in pairs}:
-        assert f"{section}-setup" in BLOCKS, f"section {section} has no setup"
-
-
-def run(pair: str, side: str) -> Namespace:
-    section = pair.split("-")[0]
-    namespace: Namespace = {}
-    for name in (f"{section}-setup", f"{pair}-{side}"):
-        exec(compile(BLOCKS[name], f"migrating.md mig-{name}", "exec"), namespace)
-    return namespace
+    check_every_pair_is_compared(BLOCKS, COMPARE)
 
 
 @pytest.mark.standard_promotion  # optax and the guide run as users run them
 @pytest.mark.parametrize("pair", sorted(COMPARE))
 def test_both_sides_agree(pair: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    section = pair.split("-")[0]
-    if section == "keras":
-        monkeypatch.setitem(os.environ, "KERAS_BACKEND", "jax")
-    pytest.importorskip(PEERS[section])
-    COMPARE[pair](run(pair, "peer"), run(pair, "nox"))
+    check_both_sides_agree(BLOCKS, COMPARE, pair, "migrating.md mig", monkeypatch)

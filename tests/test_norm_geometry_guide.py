@@ -10,41 +10,24 @@ Keras pairs where those libraries are installed (Keras on its JAX backend).
 
 from __future__ import annotations
 
-import os
 import pathlib
-import re
 from collections.abc import Callable
-from typing import Any
 
-import jax
 import numpy as np
 import pytest
+
+from tests.guide_pairs import (
+    Namespace,
+    check_both_sides_agree,
+    check_every_pair_is_compared,
+    read_blocks,
+    same,
+)
 
 GUIDE = (
     pathlib.Path(__file__).resolve().parents[1] / "docs" / "guides" / "norm_geometry.md"
 )
-BLOCK = re.compile(
-    r"```\{code-block\} python\n:name: geo-([a-z0-9-]+)\n\n(.*?)```", re.S
-)
-BLOCKS = dict(BLOCK.findall(GUIDE.read_text()))
-PEERS = {"optax": "optax", "torch": "torch", "keras": "keras"}
-
-Namespace = dict[str, Any]
-
-
-def close(actual: Any, expected: Any, rtol: float, atol: float) -> None:
-    actual = jax.tree.map(np.asarray, actual)
-    expected = jax.tree.map(np.asarray, expected)
-    assert str(jax.tree.structure(actual)) == str(jax.tree.structure(expected))
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
-
-
-def same(name: str, **tolerances: float) -> Callable[[Namespace, Namespace], None]:
-    def compare(peer: Namespace, nox: Namespace) -> None:
-        close(nox[name], peer[name], **tolerances)
-
-    return compare
+BLOCKS = read_blocks(GUIDE, "geo")
 
 
 def compare_torch_muon(peer: Namespace, nox: Namespace) -> None:
@@ -68,27 +51,10 @@ COMPARE: dict[str, Callable[[Namespace, Namespace], None]] = {
 
 
 def test_every_pair_of_the_guide_is_compared() -> None:
-    pairs = {name[: -len("-peer")] for name in BLOCKS if name.endswith("-peer")}
-    assert pairs == set(COMPARE), sorted(pairs ^ set(COMPARE))
-    for pair in pairs:
-        assert f"{pair}-nox" in BLOCKS, f"{pair} has no norm_optax side"
-    for section in {pair.split("-")[0] for pair in pairs}:
-        assert f"{section}-setup" in BLOCKS, f"section {section} has no setup"
-
-
-def run(pair: str, side: str) -> Namespace:
-    section = pair.split("-")[0]
-    namespace: Namespace = {}
-    for name in (f"{section}-setup", f"{pair}-{side}"):
-        exec(compile(BLOCKS[name], f"norm_geometry.md geo-{name}", "exec"), namespace)
-    return namespace
+    check_every_pair_is_compared(BLOCKS, COMPARE)
 
 
 @pytest.mark.standard_promotion  # optax and the guide run as users run them
 @pytest.mark.parametrize("pair", sorted(COMPARE))
 def test_both_sides_agree(pair: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    section = pair.split("-")[0]
-    if section == "keras":
-        monkeypatch.setitem(os.environ, "KERAS_BACKEND", "jax")
-    pytest.importorskip(PEERS[section])
-    COMPARE[pair](run(pair, "peer"), run(pair, "nox"))
+    check_both_sides_agree(BLOCKS, COMPARE, pair, "norm_geometry.md geo", monkeypatch)
