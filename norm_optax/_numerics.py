@@ -113,12 +113,6 @@ def select(cond: jax.Array, a: Any, b: Any) -> jax.Array:
 
 def safe_ratio(num: jax.Array, den: jax.Array, at_zero: Any) -> jax.Array:
     """``num / den``, ``at_zero`` where ``den == 0``, with a finite gradient there."""
-    num, den = jnp.asarray(num), jnp.asarray(den)
-    lax = jax.lax
-    if num.shape == den.shape and num.dtype == den.dtype:  # (traced per leaf)
-        positive = lax.ne(den, np.zeros((), den.dtype))
-        ratio = lax.div(num, lax.select(positive, den, lax.full_like(den, 1)))
-        return lax.select(positive, ratio, lax.full_like(ratio, at_zero))
     positive = den != 0
     ratio = num / select(positive, den, jnp.ones((), den.dtype))
     return select(positive, ratio, jnp.asarray(at_zero).astype(ratio.dtype))
