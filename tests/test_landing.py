@@ -193,3 +193,78 @@ def test_next_float_equals_nextafter(dtype: Any, x64: None) -> None:
         for got in (static, traced):
             np.testing.assert_array_equal(np.asarray(got[finite], np.float64), expected)
     assert bool(jnp.isnan(next_float(jnp.asarray(jnp.nan, dtype), True)))
+
+
+def _landing_reference(p: np.ndarray, x: np.ndarray, t: np.ndarray, bound: bool):
+    """The same-dtype landing as specified, in NumPy: one rounding per op."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        v = t - p
+        new = p + v
+        if bound:  # kept: onto t; moved: onto the side it came from
+            wrong = ((new > t) & (t <= x)) | ((new < t) & (t >= x))
+        else:  # to nearest: only where t is p + u itself
+            wrong = (t == x) & ((new > t) | (new < t))
+        toward = np.where(new > t, -np.inf, np.inf).astype(v.dtype)
+        return np.where(wrong, np.nextafter(v, toward), v)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=str)
+@pytest.mark.parametrize("landing", ["bound", "nearest"])
+def test_same_dtype_landing_matches_its_specification(
+    dtype: Any, landing: Any, x64: None
+) -> None:
+    # The landing for params and updates of one dtype steps the bits of
+    # ``t - p`` by one where the new parameter misses; against NumPy's
+    # nextafter on values over 25 decades, cancellation (u ~ -p), sums on a
+    # power of two, moved and kept elements, zeros of both signs, infinities
+    # and NaN. (No subnormal values: XLA:CPU flushes them to zero, NumPy does
+    # not.)
+    del x64
+    from norm_optax._numerics import land
+
+    rng = np.random.default_rng(0)
+    n = 20_000
+
+    def spread() -> np.ndarray:
+        return rng.standard_normal(n) * 10.0 ** rng.uniform(-20, 5, n)
+
+    p, u = spread().astype(dtype), spread().astype(dtype)
+    cancel = rng.random(n) < 0.2
+    u[cancel] = (-p[cancel] * (1 + 1e-6 * rng.standard_normal(cancel.sum()))).astype(
+        dtype
+    )
+    # Sums on a power of two of either sign, |u| a few times |p| with the
+    # opposite sign:
+    # there fl(p + fl(x - p)) misses x (u rounded from x - p for a p with
+    # more bits than the dtype holds).
+    m = n // 4
+    exact_p = np.longdouble(rng.uniform(1e-5, 1e-4, m)) * (
+        1 + np.longdouble(rng.uniform(0, 1, m)) * np.longdouble(2.0**-40)
+    )
+    sign = rng.choice([-1.0, 1.0], m)
+    exact_p *= -sign
+    power = sign * np.longdouble(2.0) ** rng.integers(-14, -9, m)
+    p[:m], u[:m] = exact_p.astype(dtype), (power - exact_p).astype(dtype)
+    special = rng.integers(0, 40, n)
+    for code, value in enumerate([0.0, -0.0, np.inf, -np.inf, np.nan]):
+        p[special == code] = value
+        u[special == code + 5] = value
+    with np.errstate(invalid="ignore", over="ignore"):
+        x = (p + u).astype(dtype)
+    scale = rng.uniform(0.5, 1.0, n).astype(dtype)
+    t = np.where(rng.random(n) < 0.5, x, np.clip(x, -0.1, 0.1) * scale).astype(dtype)
+    t[rng.random(n) < 0.05] = 0.0
+    tiny = np.finfo(dtype).tiny
+    for a in (p, u, x, t):
+        assert not np.any((a != 0) & (np.abs(a) < tiny))  # no subnormals
+    want = _landing_reference(p, x, t, landing == "bound")
+    got = np.asarray(
+        jax.jit(lambda *a: land(*a, landing))(*(jnp.asarray(a) for a in (p, u, x, t)))
+    )
+    bits = f"u{got.itemsize}"
+    with np.errstate(invalid="ignore"):
+        corrected = (want != t - p) & ~np.isnan(want)
+        naive = p + (t - p)
+    for side in (naive > t, naive < t):  # corrections both ways are checked
+        assert np.count_nonzero(corrected & side) > 0
+    np.testing.assert_array_equal(got.view(bits), want.view(bits))
