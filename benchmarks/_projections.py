@@ -176,22 +176,31 @@ def hlo_bytes(compiled: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def temp_bytes(compiled: Any) -> float | None:
+    """The executable's temporary buffers (XLA's memory analysis), in bytes."""
+    try:
+        return float(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # (a backend without a memory analysis)
+        return None
+
+
 def custom_build(
     step: Callable[..., Any],
     init: Callable[[Any], Any],
     params: Any,
     grads: Any,
-    hlo: dict[str, float | None] | None = None,
+    hlo: dict[str, tuple[float | None, float | None]] | None = None,
     label: str = "",
 ) -> Build:
     """A jitted step ``(params, state, grads)``, params and state donated.
 
-    With ``hlo``, the executable's bytes accessed are stored at ``label``.
+    With ``hlo``, the executable's bytes accessed and its temporary bytes
+    are stored at ``label``.
     """
 
     def record(compiled: Any) -> None:
         if hlo is not None:
-            hlo[label] = hlo_bytes(compiled)
+            hlo[label] = (hlo_bytes(compiled), temp_bytes(compiled))
 
     return jitted_step_build(step, init, params, grads, record)
 
@@ -248,9 +257,12 @@ class ProjectionsResult:
     compile_gpt2: dict[str, float]
     compile_tree: dict[str, float]
     hlo_bytes: dict[str, float | None]  # XLA's cost analysis, per jax step
+    temp_bytes: dict[str, float | None]  # XLA's memory analysis, per jax step
+    faults: dict[str, float]  # minor page faults per step (Linux), per peer
 
 
 ADAMW = "adamw"
+ADAMW_APART = "adamw (the L1 ball's group)"
 TORCH_ADAMW = "torch AdamW(foreach)"
 
 
@@ -276,17 +288,23 @@ def bench_projections(
     params = harness.make_tree(spec, jnp.float32, seed=1, scale=0.05)
     tree = harness.tree_bytes(params)
 
-    hlo: dict[str, float | None] = {}
+    hlo: dict[str, tuple[float | None, float | None]] = {}
 
     def step(label: str, make: Callable[[], optax.GradientTransformation]) -> Build:
         tx = optax.chain(optax.adamw(LR), make())
         return custom_build(tx_step_fn(tx), tx.init, params, grads, hlo, label)
 
     builds: dict[str, Build] = {ADAMW: step(ADAMW, optax.identity)}
-    # (The balls last: the L1 ball's long step, interleaved just before
-    # another, slowed that one's median in earlier runs.)
     for name, make in {**ELEMENTWISE, **PER_UNIT, **BALLS}.items():
         builds[_nox_label(name)] = step(_nox_label(name), make)
+    # The L1 ball is timed in a group of its own, with AdamW again as its
+    # base: its 0.3 GB of temporary buffers, released after each of its
+    # steps, slowed the rows that ran after it in the interleaved group.
+    l1_ball = _nox_label("project_l1_ball(1e3)")
+    apart = {
+        ADAMW_APART: step(ADAMW_APART, optax.identity),
+        l1_ball: builds.pop(l1_ball),
+    }
     for name, fn in PLAIN.items():
         builds[_plain_label(name)] = custom_build(
             plain_step(fn), optax.adamw(LR).init, params, grads, hlo, _plain_label(name)
@@ -303,17 +321,46 @@ def bench_projections(
     builds["torch AdamW + torch.renorm"] = torch_build(params, grads, "renorm")
     builds["torch AdamW + power step"] = torch_build(params, grads, "power")
     candidates = {}
-    for label, build in builds.items():
+    for label, build in {**builds, **apart}.items():
         print(f"  {label}", flush=True)
         candidates[label] = attempt(build, tree)
-    timed = time_group(candidates, bandwidth, reps)
+    timed = time_group({k: candidates[k] for k in builds}, bandwidth, reps)
+    timed |= time_group({k: candidates[k] for k in apart}, bandwidth, reps)
     gbps = next((t.gbps for t in timed.values() if t.gbps is not None), float("nan"))
     compile_gpt2 = {
         k: c.compile_s for k, c in candidates.items() if c.compile_s is not None
     }
+    faults = {k: page_faults(c.run) for k, c in candidates.items() if c.run}
     return ProjectionsResult(
-        model, tree, timed, gbps, compile_gpt2, compile_leaves(COMPILE_LEAVES), hlo
+        model,
+        tree,
+        timed,
+        gbps,
+        compile_gpt2,
+        compile_leaves(COMPILE_LEAVES),
+        {k: v[0] for k, v in hlo.items()},
+        {k: v[1] for k, v in hlo.items()},
+        {k: v for k, v in faults.items() if v is not None},
     )
+
+
+def page_faults(run: Callable[[], None], steps: int = 5) -> float | None:
+    """Minor page faults per call of ``run`` (first touches of fresh memory).
+
+    A step whose temporary buffers are larger than glibc's largest mmap
+    threshold (32 MiB) gets them from a fresh ``mmap`` every call, and pays
+    one fault per 4 KiB page it writes. ``None`` where ``resource`` is
+    missing (not Unix).
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    run()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        run()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
 
 
 def _seconds(fn: Callable[..., Any], *args: Any) -> float:
@@ -363,6 +410,13 @@ def compile_leaves(n: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------
 
 
+def _base(label: str) -> str:
+    """The row whose median a row's extra time is taken over."""
+    if label.startswith("torch"):
+        return TORCH_ADAMW
+    return ADAMW_APART if "project_l1_ball" in label else ADAMW
+
+
 def _extra(result: ProjectionsResult, label: str, base: str = ADAMW) -> float | None:
     t, b = result.timed.get(label), result.timed.get(base)
     if t is None or b is None or t.stats is None or b.stats is None:
@@ -382,6 +436,10 @@ def _hlo_passes(result: ProjectionsResult, label: str) -> float | None:
     if a is None or b is None:
         return None
     return (a - b) / result.tree_bytes
+
+
+def _mb(value: float | None) -> float | None:
+    return None if value is None else value / 1e6
 
 
 def _fmt(value: float | None, fmt: str) -> str:
@@ -457,24 +515,29 @@ def projections_section(result: ProjectionsResult) -> list[str]:
         f"One interleaved group, params and state donated, step + apply; "
         f"{result.tree_bytes / 1e6:.0f} MB of parameters, one pass "
         f"{result.tree_bytes / (result.gbps * 1e9) * 1e3:.1f} ms at the group's "
-        f"{result.gbps:.1f} GB/s. Extra: the median beyond AdamW alone's (torch "
+        f"{result.gbps:.1f} GB/s (the L1 ball: a second group with AdamW, last "
+        "two rows). Extra: the median beyond AdamW alone's (torch "
         "rows: beyond torch's AdamW); ratio: to the plain version's extra (the "
         'plain version assigns the new params; "as an update" is the same '
         "formula returned as an update, u' = fn(p + u) - p, as a transform must, "
         "then applied). HLO "
         "extra passes: the bytes the optimized executable reads and writes "
         "(XLA's cost analysis) beyond AdamW's, over the parameters' bytes: the "
-        "memory traffic, free of the timing noise.",
+        "memory traffic, free of the timing noise. Temp MB: the executable's "
+        "temporary buffers (XLA's memory analysis); faults: minor page faults "
+        "per step, counted after the timing (each is a 4 KiB page written for "
+        "the first time: a temporary buffer that the C allocator maps afresh "
+        "at every step).",
         "",
         "| step | compile s | time ms | extra ms | extra passes | ratio to plain "
-        "| ratio to plain update | HLO extra passes | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ratio to plain update | HLO extra passes | temp MB | faults | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, t in result.timed.items():
         torch_row = label.startswith("torch")
         extra = None
-        if label not in (ADAMW, TORCH_ADAMW):
-            extra = _extra(result, label, TORCH_ADAMW if torch_row else ADAMW)
+        if label not in (ADAMW, TORCH_ADAMW, ADAMW_APART):
+            extra = _extra(result, label, _base(label))
         ratio = ratio_update = None
         for name in PLAIN | {"clip_spectral_norm(1.0, num_iters=1)": None}:
             if label == _nox_label(name):
@@ -490,6 +553,8 @@ def projections_section(result: ProjectionsResult) -> list[str]:
             _fmt(ratio, "{:.2f}x"),
             _fmt(ratio_update, "{:.2f}x"),
             _fmt(None if torch_row else _hlo_passes(result, label), "{:.2f}"),
+            _fmt(_mb(result.temp_bytes.get(label)), "{:.1f}"),
+            _fmt(result.faults.get(label), "{:.0f}"),
             note,
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -517,12 +582,10 @@ def plot_projections(result: ProjectionsResult, path: Any) -> None:
 
     labels, values, colors = [], [], []
     for label in result.timed:
-        if label in (ADAMW, TORCH_ADAMW):
+        if label in (ADAMW, TORCH_ADAMW, ADAMW_APART):
             continue
         torch_row = label.startswith("torch")
-        passes = _passes(
-            result, _extra(result, label, TORCH_ADAMW if torch_row else ADAMW)
-        )
+        passes = _passes(result, _extra(result, label, _base(label)))
         if passes is None:
             continue
         labels.append(label)

@@ -6,6 +6,18 @@ Run from the repository root::
     python benchmarks/projections.py           # GPT-2 small (124M): slow on 2 cores
     python benchmarks/projections.py --smoke   # tiny GPT-2, 3 rounds: checks it runs
 
+On CPU the per-unit rows (any transform that returns ``P(p + u) - p``)
+keep ``p + u`` in a temporary buffer beside ``p``. XLA:CPU's default
+scheduler computes every leaf's ``p + u`` before the first is used, so that
+buffer is the size of the whole model, and glibc maps a buffer over 32 MiB
+afresh at every step: one page fault per 4 KiB written. Two runs show the
+steps without that cost, one leaf's buffer at a time or freed memory kept::
+
+    XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false \
+        python benchmarks/projections.py --quick --out OUT-scheduler.md
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \
+        python benchmarks/projections.py --quick --out OUT-malloc.md
+
 It writes ``benchmarks/results/<machine>-projections[-quick].md`` and a plot
 beside it (``--smoke``: to a temporary folder unless ``--out`` is given).
 """
@@ -48,6 +60,11 @@ def main() -> None:
         out = args.out or RESULTS / f"{slug}{'-quick' if args.quick else ''}.md"
     start = time.perf_counter()
     facts = harness.machine_facts()
+    tunables = sorted(
+        f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_")
+    )
+    facts["glibc malloc tunables"] = " ".join(tunables) or "none (the defaults)"
+    facts["XLA_FLAGS"] = os.environ.get("XLA_FLAGS") or "none"
     print(facts, flush=True)
     bandwidth = harness.Bandwidth(1 << 22 if args.smoke else 1 << 26)
     bandwidth.measure()
