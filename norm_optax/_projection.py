@@ -56,7 +56,7 @@ from norm_optax._numerics import (
     inner_bound,
     outer_bound,
     real_dtype,
-    safe_ratio,
+    select,
     toward_zero,
 )
 from norm_optax._transform import Leaf, Target, projection
@@ -264,9 +264,11 @@ def _unitwise(
     """
     check_axis(axis)
 
-    def scale(norm: jax.Array, leaf: Leaf, values: Values) -> jax.Array:
+    def scale(norm: jax.Array, leaf: Leaf, values: Values) -> tuple[Any, Any]:
         del leaf
-        return safe_ratio(desired(norm, values), norm, 1)
+        positive = norm != 0  # a zero unit is kept (scale 1)
+        one = jnp.ones_like(norm)
+        return select(positive, desired(norm, values), one), select(positive, norm, one)
 
     return projection(
         transform,

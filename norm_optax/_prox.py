@@ -31,7 +31,7 @@ import optax
 
 from norm_optax._domains import FINITE_NONNEGATIVE, declare
 from norm_optax._layout import check_axis
-from norm_optax._numerics import real_dtype, safe_ratio, soft_threshold
+from norm_optax._numerics import real_dtype, soft_threshold
 from norm_optax._transform import Leaf, Target, projection
 from norm_optax._types import Axis, Mask, Scalar, Schedule, StackAxes
 
@@ -199,15 +199,15 @@ def prox_group_l1(
     )
     check_axis(axis)
 
-    def shrink(norm: jax.Array, leaf: Leaf, values: Values) -> jax.Array:
+    def shrink(norm: jax.Array, leaf: Leaf, values: Values) -> tuple[Any, Any]:
         del leaf
         tau = _real(values["coeff"], norm) * _real(values["learning_rate"], norm)
         # A unit whose norm is 0 (or underflows to 0 in its squares) is within
         # any positive threshold: it becomes exactly 0; at tau = 0 it is kept.
         at_zero = jnp.where(tau > 0, 0, 1).astype(norm.dtype)
-        return jnp.where(
-            norm > 0, jnp.maximum(0, 1 - safe_ratio(tau, norm, 0)), at_zero
-        )
+        positive = norm > 0
+        num = jnp.where(positive, jnp.maximum(0, norm - tau), at_zero)
+        return num, jnp.where(positive, norm, 1).astype(norm.dtype)
 
     return projection(
         "prox_group_l1",

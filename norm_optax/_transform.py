@@ -286,13 +286,17 @@ class Target:
     ``values`` the hyper-parameters):
 
     * ``"element"``: ``fn(x, leaf, values) -> (P(x), keep)``, elementwise;
-    * ``"unit"``: ``fn(norm, leaf, values) -> scale``, from the L2 norm of each unit
-      (keepdims), so ``P(x) = x * scale``; a NaN or infinite unit norm makes
-      the unit NaN. ``limits(norm, target_norm, leaf, values) -> (lo, hi)``,
-      if given, are the bounds a unit's landed norm must keep (the target
-      aimed a few ulps inside them): in half precision and mixed dtypes each
-      unit is then landed as near its target norm as the grid allows within
-      them (:func:`norm_optax._numerics.land_units`);
+    * ``"unit"``: ``fn(norm, leaf, values) -> (num, den)``, from the L2 norm of
+      each unit (keepdims), so ``P(x) = x * (num / den)``; ``den`` is never 0
+      (the caller divides last, after its own guard, so that the per-unit
+      scale is one small array that XLA computes once and the landing kernel
+      reads, not a chain of selects it repeats for every element). A NaN or
+      infinite unit norm makes the unit NaN.
+      ``limits(norm, target_norm, leaf, values) -> (lo, hi)``, if given, are
+      the bounds a unit's landed norm must keep (the target aimed a few ulps
+      inside them): in half precision and mixed dtypes each unit is then
+      landed as near its target norm as the grid allows within them
+      (:func:`norm_optax._numerics.land_units`);
     * ``"tree"``: ``fn(xs, values) -> (targets, keep)`` over all selected
       leaves together, ``keep`` a scalar;
     * ``"leaf"``: ``fn(x, leaf, values, leaf_state) -> (P(x), keep,
@@ -332,8 +336,9 @@ def _land_unit(
 ) -> jax.Array:
     assert c.p is not None
     norm = _norms.axes_norm(x, 2, c.leaf.axes, axis_name=None, widened_from=c.p.dtype)
-    scale = target.fn(norm, c.leaf, values)
-    scale = jax.lax.select(jnp.isfinite(norm), scale, jax.lax.full_like(scale, jnp.nan))
+    num, den = target.fn(norm, c.leaf, values)
+    num = jax.lax.select(jnp.isfinite(norm), num, jax.lax.full_like(num, jnp.nan))
+    scale = num / den  # (the division last: see ``Target``)
     t = poison(x * scale.astype(x.dtype), valid)
     if target.limits is None or not needs_unit_check(c.p.dtype, c.u.dtype):
         return land(c.p, c.u, x, t, target.landing)
