@@ -10,7 +10,7 @@ call it through three named entry points, each with every argument explicit
   (keepdims): unit norms, per-layer norms of stacked leaves;
 * :func:`tree_total` -- a plain sum or max of elementwise parts over many
   leaves (the L1-ball threshold search), one all-reduce like a norm;
-* :func:`layer_squares` -- the squared L2 norm of every layer of many
+* :func:`layer_norms` -- the L2 norm of every layer of many
   (stacked) leaves at once, one all-reduce for all of them (telemetry).
 
 Numerics: accumulation in ``float32`` or wider (conversion fused into the
@@ -66,7 +66,8 @@ from norm_optax._types import Ord, accumulation_dtype
 __all__ = [
     "axes_norm",
     "canonical_ord",
-    "layer_squares",
+    "global_of_layers",
+    "layer_norms",
     "needs_range_guard",
     "tree_norm",
     "tree_total",
@@ -413,18 +414,70 @@ def tree_total(parts: Sequence[jax.Array], kind: str, dtype: Any) -> jax.Array:
     return _sharding.reduce_to_scalar(parts, kind, np.dtype(dtype), None, role="any")
 
 
-def layer_squares(
+def layer_norms(
     leaves: Sequence[jax.Array], counts: Sequence[int]
-) -> list[jax.Array]:
-    """Per-layer sums of ``|x|^2`` of many leaves, with one all-reduce for all.
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Per-layer L2 norms of many leaves, with one all-reduce for all.
 
     Leaf ``i`` gives an array of shape ``leaves[i].shape[:counts[i]]`` (its
-    stack shape; ``()`` for ``counts[i] = 0``): the sum of ``|x|^2`` over each
-    layer's slice, in the accumulation dtype of the whole list (``float32``,
-    or ``float64`` when a leaf is 64-bit). Its square root is the per-layer
-    L2 norm of :func:`axes_norm`; the sum of all of them, the square of the
-    global norm of :func:`tree_norm`. NaN and infinities propagate. Not
+    stack shape; ``()`` for ``counts[i] = 0``): the L2 norm of each layer's
+    slice, in the accumulation dtype of the whole list (``float32``, or
+    ``float64`` when a leaf is 64-bit), as :func:`axes_norm` gives it, with
+    the range guard of ``bfloat16`` leaves (the module note): a rescaled
+    pass over those leaves, under :func:`jax.lax.cond`, only when one of
+    their layers' sums of squares is below ``2**-60`` or infinite. Also
+    returned, per leaf, the sums of squares of the fast pass, which add up
+    to the square of the global norm wherever that is in range (see
+    :func:`global_of_layers`). NaN and infinities propagate. Not
     differentiated (callers stop gradients); sharded, one all-reduce of a
-    vector with one entry per layer (see ``_sharding.reduce_layers``).
+    vector with one entry per layer (see ``_sharding.reduce_layers``), and
+    a second one only in the rescue.
     """
-    return _sharding.reduce_layers(leaves, counts, _abs2, _result_dtype(tuple(leaves)))
+    dtype = _result_dtype(tuple(leaves))
+    sums = _sharding.reduce_layers(leaves, counts, _abs2, dtype)
+    norms = [jnp.sqrt(s) for s in sums]
+    guarded = [i for i, x in enumerate(leaves) if needs_range_guard(x.dtype)]
+    if not guarded:
+        return norms, sums
+    low = [sums[i] < _LOW_SUM for i in guarded]
+    high = [jnp.isposinf(sums[i]) for i in guarded]
+    flags = [jnp.any(lo | hi) for lo, hi in zip(low, high, strict=True)]
+    rescue = _any_example(functools.reduce(jnp.logical_or, flags))
+
+    def rescaled() -> list[jax.Array]:
+        factors, scaled = [], []
+        for i, lo, hi in zip(guarded, low, high, strict=True):
+            factor = jnp.where(hi, _DOWN, jnp.where(lo, _UP, 1.0)).astype(dtype)
+            x = leaves[i]
+            per_layer = factor.reshape(factor.shape + (1,) * (x.ndim - counts[i]))
+            factors.append(factor)
+            scaled.append(x.astype(dtype) * per_layer)
+        again = _sharding.reduce_layers(
+            scaled, [counts[i] for i in guarded], _abs2, dtype
+        )
+        return [jnp.sqrt(s) / f for s, f in zip(again, factors, strict=True)]
+
+    fixed = jax.lax.cond(rescue, rescaled, lambda: [norms[i] for i in guarded])
+    for i, n in zip(guarded, fixed, strict=True):
+        norms[i] = n
+    return norms, sums
+
+
+def global_of_layers(
+    norms: Sequence[jax.Array], sums: Sequence[jax.Array]
+) -> jax.Array:
+    """The global L2 norm of the layers of :func:`layer_norms`.
+
+    ``sqrt(sum(sums))`` where that sum is in range; else (below ``2**-60`` or
+    infinite) from the norms, scaled by the largest, so that it is the norm
+    :func:`tree_norm` gives. NaN propagates.
+    """
+    if not norms:
+        return jnp.zeros((), np.float32)
+    total = functools.reduce(jnp.add, [jnp.sum(s) for s in sums])
+    flat = jnp.concatenate([jnp.ravel(n) for n in norms])
+    top = jnp.max(flat)
+    safe = jnp.where((top > 0) & jnp.isfinite(top), top, jnp.ones_like(top))
+    scaled = top * jnp.sqrt(jnp.sum(jnp.square(flat / safe)))
+    rescued = jnp.where((top > 0) & jnp.isfinite(top), scaled, top)
+    return jnp.where((total < _LOW_SUM) | jnp.isposinf(total), rescued, jnp.sqrt(total))

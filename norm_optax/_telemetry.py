@@ -13,7 +13,9 @@ dimensions of layers (``nnx.vmap``/``nnx.scan``, Linen ``nn.scan``, a
 a scanned ``(24, 768, 3072)`` kernel gives 24 norms, not one.
 
 All the per-layer sums of squares of one update (inputs, outputs and params,
-every leaf and every layer) come from one reduction; sharded on a mesh with
+every leaf and every layer) come from one reduction (``bfloat16`` layers
+whose squares leave ``float32``'s range get a rescaled second pass, as the
+norms of :mod:`norm_optax.norms` do); sharded on a mesh with
 ``Explicit`` axes they are combined with a single all-reduce of a short
 vector, whatever the number of leaves, and no leaf is gathered.
 """
@@ -222,14 +224,17 @@ def record_layer_norms(
                 if _types.is_inexact(leaf):
                     leaves.append(jax.lax.stop_gradient(_types.as_array(leaf)))
                     counts.append(count)
-        squares = iter(_norms.layer_squares(leaves, counts))
+        all_norms, all_sums = _norms.layer_norms(leaves, counts)
+        pairs = iter(zip(all_norms, all_sums, strict=True))
 
         def per_layer(flat: list[tuple[Any, Any, int]], treedef: Any) -> Any:
-            sums = [next(squares) if _types.is_inexact(x) else None for _, x, _ in flat]
-            totals = [jnp.sum(s) for s in sums if s is not None]
-            total = sum(totals[1:], start=totals[0]) if totals else jnp.zeros(())
-            norms = [None if s is None else jnp.sqrt(s).astype(_F32) for s in sums]
-            return jax.tree.unflatten(treedef, norms), jnp.sqrt(total).astype(_F32)
+            taken = [next(pairs) if _types.is_inexact(x) else None for _, x, _ in flat]
+            present = [pair for pair in taken if pair is not None]
+            total = _norms.global_of_layers(
+                [n for n, _ in present], [s for _, s in present]
+            )
+            norms = [None if pair is None else pair[0].astype(_F32) for pair in taken]
+            return jax.tree.unflatten(treedef, norms), total.astype(_F32)
 
         input_norms, input_norm = per_layer(*layouts[0])
         output_norms, output_norm = per_layer(*layouts[1])

@@ -556,6 +556,18 @@ def test_record_layer_norms_sharded_matches_and_gathers_nothing(
 
 
 @pytest.mark.slow
+def test_record_layer_norms_sharded_bfloat16_out_of_squares_range(
+    slow_results: dict[str, Any],
+) -> None:
+    # Layers of 1e-25 and 1e25 in bfloat16: the rescaled pass, sharded.
+    case = _case(slow_results, "telemetry", "bf16_range")
+    assert case["rel"] < 1e-5  # relative to the unsharded norms
+    assert case["smallest"] > 0  # no layer's norm lost to underflow
+    assert case["all_gather"] == 0
+    assert case["all_reduce"] == 2  # the fast pass, and the rescue's
+
+
+@pytest.mark.slow
 def test_record_layer_norms_all_reduces_do_not_grow_with_leaves(
     slow_results: dict[str, Any],
 ) -> None:

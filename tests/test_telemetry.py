@@ -182,6 +182,39 @@ def test_nan_and_inf_in_one_layer_show_only_there() -> None:
     assert np.isnan(nox.layer_norms_dict(state.input_norms)["layers/kernel/2"])
 
 
+def test_bfloat16_layers_far_outside_float32_squares_range() -> None:
+    # bfloat16 values below 1e-19 or above 1.8e19 have squares outside
+    # float32's range: those layers get the rescaled pass of the norms, so
+    # each norm matches float64 and the global one equals nox.global_norm.
+    rng = np.random.default_rng(0)
+    scales = np.array([1e-25, 1.0, 1e25, 1e-30])[:, None, None]
+    kernel = jnp.asarray(scales * rng.normal(size=(4, 3, 5)), jnp.bfloat16)
+    head = jnp.asarray(1e-22 * rng.normal(size=(5, 2)), jnp.bfloat16)
+    grads = {"layers": {"kernel": kernel}, "head": head}
+    tx = nox.record_layer_norms(optax.identity(), stack_axes={"layers": 1, "head": 0})
+    _, state = jax.jit(tx.update)(grads, tx.init(grads), grads)
+    k64 = np.asarray(kernel, np.float64)
+    want = {
+        "layers/kernel": np.sqrt(np.sum(k64**2, axis=(1, 2))),
+        "head": np.sqrt(np.sum(np.asarray(head, np.float64) ** 2)),
+    }
+    for field in ("input_norms", "param_norms"):
+        got = _flat(getattr(state, field))
+        assert set(got) == set(want)
+        for name, value in want.items():
+            assert np.all(value > 0)
+            assert np.all(np.isfinite(value))
+            np.testing.assert_allclose(got[name], value, rtol=1e-5)
+    np.testing.assert_allclose(state.input_norm, nox.global_norm(grads), rtol=1e-6)
+    # Tiny layers alone (the global sum of squares underflows too).
+    tiny = jax.tree.map(lambda x: (x * 1e-20).astype(jnp.bfloat16), grads)
+    tiny["layers"]["kernel"] = tiny["layers"]["kernel"].at[2].set(1e-20)
+    _, state = tx.update(tiny, tx.init(tiny), tiny)
+    total = float(state.input_norm)
+    assert total > 0
+    np.testing.assert_allclose(total, nox.global_norm(tiny), rtol=1e-6)
+
+
 def test_update_ratio_rule() -> None:
     # Six layers of one row each: (output norm, param norm) =
     # (0, 0) -> 0, (1, 0) -> inf, (1, nan) -> nan, (nan, 1) -> nan,

@@ -980,9 +980,51 @@ def telemetry_results() -> dict[str, Any]:
         with jax.set_mesh(mesh):
             results[layout] = timed(case)
 
+    # bfloat16 layers whose squares leave float32's range (1e-25, 1e25): the
+    # rescaled pass runs sharded too, with the same norms, no all-gather,
+    # and one more all-reduce (in the rescue branch).
+    mesh = make_mesh("2d", jax.sharding.AxisType.Explicit)
+    rng = np.random.default_rng(4)
+    scales = np.array([1e-25, 1.0, 1e25, 1e-30, 1.0, 1.0, 1.0, 1.0])[:, None, None]
+    wide = {
+        "blocks": jnp.asarray(scales * rng.normal(size=(8, 16, 8)), jnp.bfloat16),
+        "head": jnp.asarray(1e-22 * rng.normal(size=(8, 4)), jnp.bfloat16),
+    }
+    range_tx = nox.record_layer_norms(
+        optax.identity(), stack_axes={"blocks": 1, "head": 0}
+    )
+
+    def range_step(g: Tree) -> dict[str, Any]:
+        state = range_tx.update(g, range_tx.init(g), g)[1]
+        return {f: getattr(state, f) for f in ("input_norms", "input_norm")}
+
+    range_want = jax.jit(range_step)(wide)
+
+    def range_case() -> dict[str, Any]:
+        specs = {"blocks": P("data", None, "model"), "head": P("data", None)}
+        sharded = {
+            k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in wide.items()
+        }
+        exe: Any = jax.jit(range_step).lower(sharded).compile()
+        got = exe(sharded)
+        rel = max(
+            float(
+                np.max(
+                    np.abs(np.asarray(a, np.float64) / np.asarray(b, np.float64) - 1)
+                )
+            )
+            for a, b in zip(
+                jax.tree.leaves(got), jax.tree.leaves(range_want), strict=True
+            )
+        )
+        smallest = min(float(np.min(np.asarray(a))) for a in jax.tree.leaves(got))
+        return {"rel": rel, "smallest": smallest, **collectives(exe.as_text())}
+
+    with jax.set_mesh(mesh):
+        results["bf16_range"] = timed(range_case)
+
     # All-reduces of the compiled update against the number of leaves: the
     # inner transform (sgd) needs none, so every one is the telemetry's.
-    mesh = make_mesh("2d", jax.sharding.AxisType.Explicit)
     rng = np.random.default_rng(3)
     for stacked in (True, False):
         shapes = gpt_shapes(stacked)
