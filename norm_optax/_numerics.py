@@ -243,33 +243,47 @@ def _directed(t: jax.Array, dtype: Any, up: bool) -> jax.Array:
 _BITS = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}  # a float's bits, by itemsize
 
 
+def _grid_step(v: jax.Array, down: Any) -> jax.Array:
+    """``+1`` or ``-1``, in ``v``'s bits type: one step of ``v`` toward ``-inf``
+    where ``down``, else ``+inf``, as an add to its bits (for ``v != 0``).
+
+    A float's bits are sign and magnitude, so a step away from zero adds 1
+    to them as an integer and a step toward zero subtracts 1.
+    """
+    lax = jax.lax  # (lax, not jnp: every leaf traces these, so fewer layers)
+    negative = lax.lt(v, lax.full_like(v, 0))
+    if isinstance(down, bool):
+        away = negative if down else lax.bitwise_not(negative)
+    else:
+        away = lax.eq(negative, down)
+    one = lax.full_like(v, 1, _BITS[v.dtype.itemsize])  # (with v's sharding)
+    return lax.select(away, one, lax.neg(one))
+
+
+def _add_to_bits(v: jax.Array, steps: jax.Array) -> jax.Array:
+    """``v`` moved ``steps`` places on its grid (``steps`` in its bits type)."""
+    lax = jax.lax
+    bits = lax.bitcast_convert_type(v, _BITS[v.dtype.itemsize])
+    return lax.bitcast_convert_type(lax.add(bits, steps), v.dtype)
+
+
 def next_float(v: jax.Array, down: Any) -> jax.Array:
     """``v``'s neighbour on its grid toward ``-inf`` where ``down``, else ``+inf``.
 
     ``jnp.nextafter(v, -inf if down else inf)`` for finite ``v`` (NaN stays
     NaN), in a handful of integer ops on the bits instead of nextafter's
     general expansion (about 35 ops per element, which every leaf of a
-    projection compiles): a float's bits are sign and magnitude, so one step
-    away from zero adds 1 to them as an integer and one step toward zero
-    subtracts 1; zero steps to the smallest subnormal of the sign.
+    projection compiles): :func:`_grid_step` added to the bits; zero steps
+    to the smallest subnormal of the sign.
     """
-    lax = jax.lax  # (lax, not jnp: every leaf traces these, so fewer layers)
-    bits_type = _BITS[v.dtype.itemsize]
-    bits = lax.bitcast_convert_type(v, bits_type)
-    zero = np.zeros((), v.dtype)
-    negative = lax.lt(v, zero)
-    one = lax.full_like(bits, 1)  # (constants with v's sharding)
+    lax = jax.lax
     tiny = lax.full_like(v, jnp.finfo(v.dtype).smallest_subnormal)
     if isinstance(down, bool):
-        away = negative if down else lax.bitwise_not(negative)
         zero_step = lax.neg(tiny) if down else tiny
     else:
-        away = lax.eq(negative, down)
         zero_step = lax.select(down, lax.neg(tiny), tiny)
-    stepped = lax.bitcast_convert_type(
-        lax.add(bits, lax.select(away, one, lax.neg(one))), v.dtype
-    )
-    return lax.select(lax.eq(v, zero), zero_step, stepped)
+    stepped = _add_to_bits(v, _grid_step(v, down))
+    return lax.select(lax.eq(v, lax.full_like(v, 0)), zero_step, stepped)
 
 
 def _step(v: jax.Array, up: bool) -> jax.Array:
@@ -334,15 +348,9 @@ def _land_same(p: jax.Array, x: jax.Array, t: jax.Array, landing: Landing) -> ja
         )
     else:  # to nearest: corrected only where t is p + u itself
         wrong = lax.bitwise_and(lax.eq(t, x), lax.bitwise_or(above, below))
-    # One step toward t on v's grid: away from zero (+1 on the bits) where v's
-    # sign is the step's (v < 0 and down, or v > 0 and up), toward zero else.
-    bits_type = _BITS[v.dtype.itemsize]
-    one, zero = lax.full_like(v, 1, bits_type), lax.full_like(v, 0, bits_type)
-    away = lax.eq(lax.lt(v, lax.full_like(v, 0)), above)
-    step = lax.select(wrong, lax.select(away, one, lax.neg(one)), zero)
-    return lax.bitcast_convert_type(
-        lax.add(lax.bitcast_convert_type(v, bits_type), step), v.dtype
-    )
+    # One step toward t on v's grid where wrong (down where above), else none.
+    step = _grid_step(v, above)
+    return _add_to_bits(v, lax.select(wrong, step, lax.full_like(step, 0)))
 
 
 def _land_nearest(p: jax.Array, t: jax.Array, dtype: Any) -> jax.Array:
