@@ -248,6 +248,11 @@ _UP = 2.0**63
 _DOWN = 2.0**-66
 
 
+def _rescue_factor(low: jax.Array, high: jax.Array, dtype: Any) -> jax.Array:
+    """The rescue's power of two: ``_DOWN`` where ``high``, ``_UP`` where ``low``."""
+    return jnp.where(high, _DOWN, jnp.where(low, _UP, 1.0)).astype(dtype)
+
+
 def _l2_norm(
     leaves: tuple[jax.Array, ...],
     reduce: Callable[..., jax.Array],
@@ -260,7 +265,7 @@ def _l2_norm(
     low, high = total < _LOW_SUM, jnp.isposinf(total)
 
     def rescaled() -> jax.Array:
-        factor = jnp.where(high, _DOWN, jnp.where(low, _UP, 1.0)).astype(total.dtype)
+        factor = _rescue_factor(low, high, total.dtype)
         scaled = reduce([_abs2(x, factor) for x in leaves], kind="sum")
         return jnp.sqrt(scaled) / factor
 
@@ -447,7 +452,7 @@ def layer_norms(
     def rescaled() -> list[jax.Array]:
         factors, scaled = [], []
         for i, lo, hi in zip(guarded, low, high, strict=True):
-            factor = jnp.where(hi, _DOWN, jnp.where(lo, _UP, 1.0)).astype(dtype)
+            factor = _rescue_factor(lo, hi, dtype)
             x = leaves[i]
             per_layer = factor.reshape(factor.shape + (1,) * (x.ndim - counts[i]))
             factors.append(factor)
@@ -477,7 +482,7 @@ def global_of_layers(
     total = functools.reduce(jnp.add, [jnp.sum(s) for s in sums])
     flat = jnp.concatenate([jnp.ravel(n) for n in norms])
     top = jnp.max(flat)
-    safe = jnp.where((top > 0) & jnp.isfinite(top), top, jnp.ones_like(top))
-    scaled = top * jnp.sqrt(jnp.sum(jnp.square(flat / safe)))
-    rescued = jnp.where((top > 0) & jnp.isfinite(top), scaled, top)
+    usable = (top > 0) & jnp.isfinite(top)  # else 0, inf or NaN is the answer
+    safe = jnp.where(usable, top, jnp.ones_like(top))
+    rescued = jnp.where(usable, top * jnp.sqrt(jnp.sum(jnp.square(flat / safe))), top)
     return jnp.where((total < _LOW_SUM) | jnp.isposinf(total), rescued, jnp.sqrt(total))
